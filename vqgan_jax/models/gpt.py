@@ -1,0 +1,137 @@
+"""minGPT as used by taming's Net2NetTransformer, with an optional KV cache for decoding.
+
+Names mirror the original's `state_dict` (`blocks.0.attn.query` is `blocks_0/attn/query` here).
+
+Decoding (`decode=True`): initialise the cache with `model.init(rng, tokens_of_full_length)["cache"]`
+(or `jax.eval_shape` of it, zeroed), then call `apply({"params": p, "cache": c}, tokens, mutable=["cache"])`
+with one or more new tokens at a time; each call appends their keys and values at the cache index, so every
+token is computed once, as in flax's lm1b example.
+"""
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vqgan_jax.models.checks import check_codes
+
+Dtype = Any
+_init = nn.initializers.normal(0.02)
+
+
+def attention_mask(q_pos, k_pos, n_unmasked: int):
+    """Causal mask [Tq, Tk]: True where query q may attend key k; the first `n_unmasked` positions see
+    each other in full (the original's `mask[:n_unmasked, :n_unmasked] = 1`)."""
+    q, k = q_pos[:, None], k_pos[None, :]
+    return (k <= q) | ((q < n_unmasked) & (k < n_unmasked))
+
+
+class CausalSelfAttention(nn.Module):
+    n_embd: int
+    n_head: int
+    block_size: int
+    n_unmasked: int = 0
+    attn_pdrop: float = 0.0
+    resid_pdrop: float = 0.0
+    decode: bool = False
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        b, t, c = x.shape
+        hd = c // self.n_head
+        dense = lambda name: nn.Dense(c, dtype=self.dtype, kernel_init=_init, name=name)  # noqa: E731
+        k, q, v = (dense(name)(x).reshape(b, t, self.n_head, hd) for name in ("key", "query", "value"))
+
+        q_pos = jnp.arange(t)
+        if self.decode:
+            initialised = self.has_variable("cache", "cached_key")
+            cached_k = self.variable("cache", "cached_key", jnp.zeros, (b, self.block_size, self.n_head, hd), k.dtype)
+            cached_v = self.variable("cache", "cached_value", jnp.zeros, (b, self.block_size, self.n_head, hd), v.dtype)
+            index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
+            if initialised:
+                start = index.value
+                cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k, (0, start, 0, 0))
+                cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v, (0, start, 0, 0))
+                index.value = start + t
+                k, v, q_pos = cached_k.value, cached_v.value, start + q_pos
+        mask = attention_mask(q_pos, jnp.arange(k.shape[1]), self.n_unmasked)
+
+        att = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(hd).astype(q.dtype)
+        att = jnp.where(mask, att, jnp.finfo(att.dtype).min)
+        att = nn.Dropout(self.attn_pdrop, deterministic=not train)(nn.softmax(att, axis=-1))
+        y = jnp.einsum("bhqk,bkhd->bqhd", att, v).reshape(b, t, c)
+        y = dense("proj")(y)
+        return nn.Dropout(self.resid_pdrop, deterministic=not train)(y)
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: x + attn(ln1(x)), then x + mlp(ln2(x)) with exact (erf) GELU."""
+    n_embd: int
+    n_head: int
+    block_size: int
+    n_unmasked: int = 0
+    attn_pdrop: float = 0.0
+    resid_pdrop: float = 0.0
+    decode: bool = False
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        ln = lambda name: nn.LayerNorm(epsilon=1e-5, use_fast_variance=False, dtype=self.dtype, name=name)  # noqa: E731
+        x = x + CausalSelfAttention(self.n_embd, self.n_head, self.block_size, self.n_unmasked,
+                                    self.attn_pdrop, self.resid_pdrop, self.decode, self.dtype,
+                                    name="attn")(ln("ln1")(x), train)
+        h = nn.Dense(4 * self.n_embd, dtype=self.dtype, kernel_init=_init, name="mlp_0")(ln("ln2")(x))
+        h = nn.Dense(self.n_embd, dtype=self.dtype, kernel_init=_init, name="mlp_2")(nn.gelu(h, approximate=False))
+        return x + nn.Dropout(self.resid_pdrop, deterministic=not train)(h)
+
+
+class GPT(nn.Module):
+    """tokens: [B, T] int in [0, vocab_size) -> logits [B, T', vocab_size], T' = T (+ prepended embeddings).
+
+    Field names and defaults are the original's `GPT(vocab_size, block_size, n_layer=12, n_head=8,
+    n_embd=256, embd_pdrop=0., resid_pdrop=0., attn_pdrop=0., n_unmasked=0)`.
+    """
+    vocab_size: int
+    block_size: int
+    n_layer: int = 12
+    n_head: int = 8
+    n_embd: int = 256
+    embd_pdrop: float = 0.0
+    resid_pdrop: float = 0.0
+    attn_pdrop: float = 0.0
+    n_unmasked: int = 0
+    decode: bool = False
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, tokens, embeddings=None, train: bool = False):
+        """embeddings: optional [B, n, n_embd] vectors placed before the tokens (the original's `embeddings`)."""
+        if tokens.ndim != 2:
+            raise ValueError(f"expected tokens [B, T], got shape {tuple(tokens.shape)}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+        check_codes(tokens, self.vocab_size, "tokens")
+        x = nn.Embed(self.vocab_size, self.n_embd, embedding_init=_init, name="tok_emb")(tokens)
+        if embeddings is not None:
+            x = jnp.concatenate([embeddings.astype(x.dtype), x], axis=1)
+        t = x.shape[1]
+        if t > self.block_size:
+            raise ValueError(f"sequence of {t} positions exceeds block_size={self.block_size}")
+
+        pos_emb = self.param("pos_emb", nn.initializers.zeros, (1, self.block_size, self.n_embd))
+        start = 0
+        if self.decode:
+            position = self.variable("cache", "position", lambda: jnp.array(0, jnp.int32))
+            if not self.is_initializing():  # the init call only creates the (empty) cache
+                start = position.value
+                position.value = start + t
+        x = x + jax.lax.dynamic_slice_in_dim(pos_emb, start, x.shape[1], axis=1).astype(x.dtype)
+        x = nn.Dropout(self.embd_pdrop, deterministic=not train)(x)
+        for i in range(self.n_layer):
+            x = Block(self.n_embd, self.n_head, self.block_size, self.n_unmasked, self.attn_pdrop,
+                      self.resid_pdrop, self.decode, self.dtype, name=f"blocks_{i}")(x, train)
+        x = nn.LayerNorm(epsilon=1e-5, use_fast_variance=False, dtype=self.dtype, name="ln_f")(x)
+        return nn.Dense(self.vocab_size, use_bias=False, dtype=self.dtype, kernel_init=_init, name="head")(x)

