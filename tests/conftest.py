@@ -1,8 +1,15 @@
 import json
 import os
+import tempfile
 
-import numpy as np
-import pytest
+# Compiled programs are cached across the tests and their subprocesses (which inherit these variables):
+# the training tests compile the same steps in several runs, and XLA on 2 CPU cores is slow to compile.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "vqgan_jax_test_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "taming_parity.npz")
 

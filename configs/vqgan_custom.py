@@ -1,0 +1,15 @@
+"""VQGAN on your own images (the original's configs/custom_vqgan.yaml).
+
+  python train.py --config configs/vqgan_custom.py --config.data.path=/my/images --workdir runs/custom
+  python train.py --config configs/vqgan_custom.py:runlocal --config.data.path=/my/images --workdir runs/x
+"""
+
+from vqgan_jax.train.config import default_config, runlocal
+
+
+def get_config(arg=None):
+    c = default_config()
+    c.batch_size = 5
+    c.loss.disc_start = 10000
+    c.loss.disc_weight = 0.8
+    return runlocal(c) if arg == "runlocal" else c

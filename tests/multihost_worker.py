@@ -1,0 +1,35 @@
+"""One of two training processes: `python multihost_worker.py DATA WORKDIR COORDINATOR PROCESS_ID`.
+Trains 2 steps with jax.distributed over local CPU processes and saves its final parameters as
+WORKDIR/params_<id>.npz (run by tests/test_train.py)."""
+
+import os
+import sys
+
+import jax
+import numpy as np
+
+
+def main(data_path, workdir, coordinator, process_id):
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from sharded_step_worker import tiny_config
+    from vqgan_jax.train import run
+
+    c = tiny_config()
+    c.data.path = data_path
+    c.total_steps = 2
+    c.loss.disc_start = 1
+    c.log_every = 1
+    c.image_every = 0
+    c.checkpoint_every = 100
+    c.distributed.update(coordinator_address=coordinator, num_processes=2, process_id=int(process_id))
+    state = run(c, workdir)
+    assert jax.process_count() == 2
+    params = jax.device_get(state.gen_params)
+    flat = {"/".join(k.key for k in path): np.asarray(v)
+            for path, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+    np.savez(os.path.join(workdir, f"params_{process_id}.npz"), **flat)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

@@ -1,0 +1,51 @@
+"""Runs one full VQGAN training step (discriminator active) on all local devices and saves the losses and
+updated parameters: `python sharded_step_worker.py OUT.npz`. Run by tests/test_train.py in subprocesses
+with different device counts (XLA_FLAGS=--xla_force_host_platform_device_count=N)."""
+
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def tiny_config():
+    from vqgan_jax.train.config import default_config, runlocal
+
+    c = runlocal(default_config())
+    c.batch_size = 4
+    c.data.size = 16
+    c.model.update(ch=32, ch_mult=(1, 2), attn_resolutions=(8,), resolution=16, z_channels=8, embed_dim=8, n_embed=32)
+    c.loss.update(disc_start=0, disc_ndf=8, disc_num_layers=2)
+    c.optim.ema_decay = 0.9
+    return c
+
+
+def main(out_path):
+    from vqgan_jax.models import load_lpips_params
+    from vqgan_jax.train.sharding import batch_sharding, make_mesh, replicated, tree_shardings
+    from vqgan_jax.train.state import build_models, init_state
+    from vqgan_jax.train.steps import make_train_step, phase
+
+    config = tiny_config()
+    mesh = make_mesh(config.mesh)
+    models = build_models(config)
+    init = lambda rng: init_state(models, config, rng)  # noqa: E731
+    shardings = tree_shardings(jax.eval_shape(init, jax.random.PRNGKey(0)), mesh, config.sharding_rules)
+    state = jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(0))
+    images = jax.random.uniform(jax.random.PRNGKey(1), (config.batch_size, 16, 16, 3), minval=-1, maxval=1)
+    batch = {"image": jax.device_put(images, batch_sharding(mesh))}
+    lpips_params = jax.device_put(load_lpips_params(), replicated(mesh))
+    step = jax.jit(make_train_step(models, config, *phase(0, config.loss)),
+                   in_shardings=(shardings, batch_sharding(mesh), replicated(mesh)),
+                   out_shardings=(shardings, replicated(mesh)), donate_argnums=0)
+    state, metrics = step(state, batch, lpips_params)
+    flat = {"/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path): np.asarray(v)
+            for path, v in jax.tree_util.tree_flatten_with_path(jax.device_get(state))[0]}
+    flat.update({f"metric/{k}": np.asarray(v) for k, v in jax.device_get(metrics).items()})
+    flat["devices"] = np.asarray(jax.device_count())
+    np.savez(out_path, **flat)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -1,0 +1,129 @@
+"""Training: sharded steps equal single-device steps, resume is exact, two hosts agree, the loop runs."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORKER = os.path.join(ROOT, "tests", "sharded_step_worker.py")
+
+
+def _run_python(args, devices=1, extra_env=None, timeout=600):
+    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **(extra_env or {}))
+    return subprocess.Popen([sys.executable, *args], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def _finish(proc, timeout=600):
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+def test_step_on_four_devices_equals_one_device(tmp_path):
+    """Same global batch, same init: data parallelism over 4 devices changes nothing but the layout."""
+    procs = {n: _run_python([WORKER, str(tmp_path / f"{n}.npz")], devices=n) for n in (1, 4)}
+    for proc in procs.values():
+        _finish(proc)
+    one, four = np.load(tmp_path / "1.npz"), np.load(tmp_path / "4.npz")
+    assert int(one["devices"]) == 1 and int(four["devices"]) == 4
+    assert sorted(one.files) == sorted(four.files)
+    assert float(one["metric/disc_loss"]) > 0 and float(one["metric/d_weight"]) > 0  # the GAN is on
+    lr = float(one["metric/learning_rate"])
+    compared = total = 0
+    for key in set(one.files) - {"devices"}:
+        kind, _, path = key.partition("/")
+        if kind not in ("gen_params", "disc_params", "ema_params"):  # losses, optimiser moments, stats
+            scale = max(1.0, float(np.max(np.abs(one[key]))))  # moments are gradients: of order 10 here
+            np.testing.assert_allclose(four[key], one[key], rtol=1e-5, atol=1e-5 * scale, err_msg=key)
+            continue
+        # Adam's first step moves each parameter by ~lr * sign(gradient). Where the gradient is rounding
+        # noise (a bias right before a normalisation, attention key biases: exactly zero in exact arithmetic)
+        # its sign depends on the reduction order, so those entries are only bounded by the step size.
+        moment = one[f"{'disc' if kind == 'disc_params' else 'gen'}_opt_state/[0]/mu/{path}"]  # 0.5 * grad
+        real = np.abs(moment) > 1e-6
+        compared, total = compared + real.sum(), total + real.size
+        np.testing.assert_allclose(four[key][real], one[key][real], rtol=1e-5, atol=1e-5, err_msg=key)
+        bound = 2 * lr * (0.1 if kind == "ema_params" else 1.0) * 1.001  # EMA keeps 0.1 of the step
+        assert np.all(np.abs(four[key] - one[key]) <= bound), key
+    assert compared > 0.95 * total  # nearly every parameter is held to 1e-5
+
+
+def _images(folder, n=12, size=40):
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        base = rng.integers(0, 255, (5, 5, 3), dtype=np.uint8)
+        Image.fromarray(base).resize((size + 3 * i, size), Image.BILINEAR).save(os.path.join(folder, f"{i}.png"))
+    return folder
+
+
+def _tiny_run_config(data_path, total_steps):
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    from sharded_step_worker import tiny_config
+
+    c = tiny_config()
+    c.data.path = data_path
+    c.total_steps = total_steps
+    c.loss.disc_start = 2          # both phases: without, then with the discriminator
+    c.log_every = 1
+    c.image_every = 0
+    c.checkpoint_every = 100
+    return c
+
+
+def _final_params(workdir):
+    from vqgan_jax.pretrained import load_pretrained
+
+    return load_pretrained(os.path.join(workdir, "export", "vqgan"))[1]["params"]
+
+
+def test_resume_continues_exactly(tmp_path):
+    """6 steps straight == 3 steps, stop, resume, 3 more steps (parameters, data order, RNG, optimiser)."""
+    from vqgan_jax.train import run
+
+    data_path = _images(str(tmp_path / "images"))
+    straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
+    run(_tiny_run_config(data_path, 6), straight)
+    run(_tiny_run_config(data_path, 3), split)
+    assert os.listdir(os.path.join(split, "checkpoints")) == ["3"]
+    run(_tiny_run_config(data_path, 6), split)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6),
+                           _final_params(straight), _final_params(split))
+
+    with open(os.path.join(straight, "metrics.jsonl")) as f:
+        logged = [json.loads(line) for line in f]
+    assert [r["step"] for r in logged] == [1, 2, 3, 4, 5, 6]
+    assert logged[0]["disc_factor"] == 0 and logged[-1]["disc_factor"] == 1 and "disc_loss" in logged[-1]
+    for key in ("total_loss", "psnr", "codebook_usage", "perplexity", "learning_rate", "d_weight", "steps_per_sec"):
+        assert np.isfinite(logged[-1][key]), key
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_train_to_identical_parameters(tmp_path):
+    """Two local CPU processes (jax.distributed, gloo collectives) each read their half of the batch."""
+    data_path = _images(str(tmp_path / "images"))
+    port = _free_port()
+    script = os.path.join(ROOT, "tests", "multihost_worker.py")
+    workdir = str(tmp_path / "run")  # one workdir, as on a cluster's shared filesystem
+    procs = [_run_python([script, data_path, workdir, f"127.0.0.1:{port}", str(i)]) for i in range(2)]
+    for proc in procs:
+        _finish(proc)
+    a, b = (np.load(os.path.join(workdir, f"params_{i}.npz")) for i in range(2))
+    assert sorted(a.files) == sorted(b.files) and len(a.files) > 10
+    for key in a.files:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)

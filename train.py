@@ -1,0 +1,36 @@
+"""Train (or evaluate) a VQGAN.
+
+  python train.py --config configs/vqgan_custom.py:runlocal --config.data.path=/my/images \
+      --config.total_steps=200 --workdir runs/x
+  python train.py --config configs/vqgan_custom.py --workdir runs/x --mode eval
+
+Every config field can be overridden with --config.<field>=<value>; an unknown field or a value of the
+wrong type fails before anything runs. A run resumes from the last checkpoint in --workdir.
+"""
+
+import json
+
+from absl import app, flags
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file("config", None, "experiment config file, e.g. configs/demo.py[:arg]", lock_config=True)
+flags.DEFINE_string("workdir", None, "directory for checkpoints, logs, images and the exported model")
+flags.DEFINE_enum("mode", "train", ["train", "eval"], "train, or evaluate the last checkpoint")
+flags.mark_flags_as_required(["config", "workdir"])
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from vqgan_jax import train  # after flag parsing: a bad override fails before JAX starts
+
+    config = FLAGS.config
+    if FLAGS.mode == "train":
+        train.run(config, FLAGS.workdir)
+    else:
+        print(json.dumps(train.evaluate(config, FLAGS.workdir)))
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,115 @@
+"""Host batches -> global jax.Arrays, a few steps ahead of the training loop."""
+
+import queue
+import threading
+
+import numpy as np
+
+_END = object()
+
+
+class _Failure:
+    def __init__(self, error):
+        self.error = error
+
+
+def _is_numeric(x) -> bool:
+    return isinstance(x, np.ndarray) and x.dtype.kind in "biuf"
+
+
+def to_global(batch, sharding):
+    """Host-local numpy batch (pytree) -> global jax.Arrays laid out by `sharding`.
+
+    sharding: one jax.sharding.Sharding for every leaf, or a pytree of them matching `batch`. Each host
+    passes its own rows; the global batch is their concatenation over processes. Non-numeric leaves (the
+    "key" strings of with_keys=True) stay on the host unchanged.
+    """
+    import jax
+
+    def put(x, s):
+        return jax.make_array_from_process_local_data(s, x) if _is_numeric(x) else x
+
+    if isinstance(sharding, jax.sharding.Sharding):
+        return jax.tree.map(lambda x: put(x, sharding), batch)
+    return jax.tree.map(put, batch, sharding)
+
+
+def _put(q, stop, item) -> bool:
+    # Poll so that a producer blocked on a full queue notices close().
+    while not stop.is_set():
+        try:
+            q.put(item, timeout=0.1)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
+def _produce(iterator, sharding, q, stop):
+    # A plain function, not a method: the thread must not keep the DevicePrefetcher alive, so that
+    # dropping it (e.g. leaving an eval loop early) lets __del__ stop the thread and free its batches.
+    try:
+        for batch in iterator:
+            if not _put(q, stop, to_global(batch, sharding)):
+                return
+    except BaseException as e:  # handed to the consumer, which re-raises it
+        _put(q, stop, _Failure(e))
+        return
+    _put(q, stop, _END)
+
+
+class DevicePrefetcher:
+    """Iterator over `to_global(batch, sharding)` for each batch of `iterator`, `size` batches ahead.
+
+    A daemon thread does the host-to-device copies. Errors raised by the source come out of `next()`;
+    a finite source ends the iteration. Attributes not found here (e.g. `skipped`, `stats`, `step`) are
+    read from the wrapped iterator; they already count the batches in flight.
+    """
+
+    def __init__(self, iterator, sharding, size=2):
+        self.iterator = iterator
+        self.sharding = sharding
+        self._queue = queue.Queue(maxsize=max(1, size))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=_produce, args=(iterator, sharding, self._queue, self._stop),
+                                        name="prefetch_to_device", daemon=True)
+        self._thread.start()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        item = self._queue.get()
+        if item is _END:
+            self._queue.put(_END)  # later next() calls end too
+            raise StopIteration
+        if isinstance(item, _Failure):
+            self._queue.put(item)
+            raise item.error
+        return item
+
+    def close(self):
+        """Stops the producer thread (after the batch it may be converting)."""
+        self._stop.set()
+
+    def __getattr__(self, name):
+        if name.startswith("_") or name == "iterator":  # private, or not yet set (during __init__)
+            raise AttributeError(name)
+        return getattr(self.iterator, name)
+
+    def __del__(self):
+        stop = self.__dict__.get("_stop")
+        if stop is not None:
+            stop.set()
+
+
+def prefetch_to_device(iterator, sharding, size=2):
+    """Wraps an iterator of host-local numpy batch dicts: yields global jax.Array batches, `size` ahead.
+
+    Each leaf x becomes jax.make_array_from_process_local_data(sharding, x): pass e.g.
+    NamedSharding(mesh, PartitionSpec("data")) to split the batch dimension over the mesh's data axis.
+    size <= 0 converts in the caller's thread, with nothing in flight.
+    """
+    if size <= 0:
+        return (to_global(batch, sharding) for batch in iterator)
+    return DevicePrefetcher(iterator, sharding, size)

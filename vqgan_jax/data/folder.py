@@ -1,0 +1,113 @@
+"""Image files from a local folder or a file list (the original's `custom` data): path -> sorted file paths.
+
+Listing never opens an image: unreadable files are found, skipped and counted later by the pipeline.
+"""
+
+import os
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".jpe", ".jfif")
+SKIMAGE = "skimage:"  # the photographs shipped inside scikit-image (the demo's data); "skimage:a.png,b.png" picks
+
+
+def _is_remote(path: str) -> bool:
+    return "://" in path
+
+
+def _walk(root: str):
+    if _is_remote(root):
+        from vqgan_jax.data._tf import tf
+
+        for folder, _, names in tf().io.gfile.walk(root):
+            yield folder, names
+    else:
+        # followlinks: datasets are often assembled from symlinked folders.
+        for folder, dirs, names in os.walk(root, followlinks=True):
+            dirs.sort()
+            yield folder, names
+
+
+def _exists(path: str) -> bool:
+    if _is_remote(path):
+        from vqgan_jax.data._tf import tf
+
+        return tf().io.gfile.exists(path)
+    return os.path.exists(path)
+
+
+def _isdir(path: str) -> bool:
+    if _is_remote(path):
+        from vqgan_jax.data._tf import tf
+
+        return tf().io.gfile.isdir(path)
+    return os.path.isdir(path)
+
+
+def _read_text(path: str) -> str:
+    if _is_remote(path):
+        from vqgan_jax.data._tf import tf
+
+        with tf().io.gfile.GFile(path) as f:
+            return f.read()
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
+def find_images(folder: str) -> list[str]:
+    """Every file under `folder` (recursively) whose extension is in IMAGE_EXTENSIONS, case-insensitive, sorted."""
+    found = []
+    for parent, names in _walk(folder):
+        found.extend(os.path.join(parent, n) for n in names if n.lower().endswith(IMAGE_EXTENSIONS))
+    # Sorted so that every host, and every run, numbers the files identically.
+    return sorted(found)
+
+
+def read_file_list(list_file: str) -> list[str]:
+    """One image path per line; blank lines and lines starting with '#' are ignored.
+
+    Relative paths are resolved against the list file's folder, so a list can travel with its images.
+    """
+    base = os.path.dirname(list_file)
+    try:
+        text = _read_text(list_file)
+    except UnicodeDecodeError:
+        raise ValueError(f"data.path {list_file} is neither a folder nor a text file listing images") from None
+    paths = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if not (os.path.isabs(line) or _is_remote(line)):
+            line = os.path.join(base, line)
+        paths.append(line)
+    if not paths:
+        raise ValueError(f"the image list {list_file} names no images")
+    # Checking every entry would mean a million stat calls; a list whose first entries are all missing is a
+    # wrong base folder, which we report now rather than as a million skipped files.
+    head = paths[:16]
+    if not any(_exists(p) for p in head):
+        raise FileNotFoundError(f"none of the first {len(head)} images listed in {list_file} exist (e.g. "
+                                f"{head[0]}); relative paths are resolved against the list file's folder")
+    return paths
+
+
+def list_images(path: str) -> list[str]:
+    """data.path -> image paths: a folder (recursive search), a text file listing images, or "skimage:"
+    (the photographs bundled with scikit-image, see `demo`)."""
+    path = os.path.expanduser(str(path))
+    if path.startswith(SKIMAGE):
+        from vqgan_jax.data.demo import skimage_photos
+
+        names = [n for n in path[len(SKIMAGE):].split(",") if n]
+        return skimage_photos(names or None)
+    if not _exists(path):
+        raise FileNotFoundError(f"data.path {path} does not exist (expected a folder of images or a text file "
+                                f"with one image path per line)")
+    if path.lower().endswith(IMAGE_EXTENSIONS):
+        raise ValueError(f"data.path {path} is a single image; give a folder of images or a text file listing them")
+    if _isdir(path):
+        files = find_images(path)
+        if not files:
+            raise ValueError(f"no images found under {path} (searched recursively for "
+                             f"{', '.join(IMAGE_EXTENSIONS)})")
+        return files
+    return read_file_list(path)

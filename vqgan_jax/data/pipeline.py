@@ -1,0 +1,404 @@
+"""Training and evaluation iterators: source -> per-host shard -> decode/crop (tf.data) -> numpy batches.
+
+Training stream. Each host sees an infinite stream of examples; its j-th example has the global number
+`uid = j * process_count + process_index`, which is the example's position in the one global stream the
+hosts share. Everything about an example is a pure function of (seed, uid):
+  * folders: epoch e = j // m (m = images per host per epoch), and the file is the (j % m * process_count +
+    process_index)-th entry of a permutation of all files drawn from (seed, e) by
+    `tf.random.experimental.index_shuffle`, so hosts read disjoint files and each epoch is reshuffled;
+  * TFDS: each host reads its own `tfds.even_splits` part; epoch e is that part shuffled by a tf.data
+    shuffle buffer seeded from (seed, e);
+  * the random crop and flip come from stateless ops seeded by (seed, uid).
+Resuming at step k therefore starts the stream at j = k * local_batch_size: folders jump there at no cost;
+TFDS starts at epoch j // m and skips j % m records of it, still encoded (read, never decoded).
+
+Undecodable files. Each image is decoded inside its own one-element dataset whose errors are dropped and
+replaced by a placeholder marked invalid, so a bad file never stops the pipeline and never shifts the
+positions of the examples after it. In training batches an invalid example's row is filled with a valid
+example of the same batch (the next batch's if none), so batches keep their size and the batch at a step
+depends only on the examples at that step: resuming gives the same batches. `iterator.skipped` counts
+the invalid examples met (a bad file counts again in every epoch that reaches it).
+"""
+
+import collections
+import logging
+
+import numpy as np
+
+from vqgan_jax.data import config as cfg
+from vqgan_jax.data import folder as folder_source
+from vqgan_jax.data import preprocess
+from vqgan_jax.data import tfds_source
+from vqgan_jax.data._tf import graph_fn, tf
+
+log = logging.getLogger(__name__)
+
+_MASK63 = (1 << 63) - 1
+_LOGGED_KEYS = 20  # bad files named in the log and kept in `skipped_keys`; the rest are only counted
+
+
+def _derive_seed(seed: int, salt: int) -> int:
+    """An int64 seed for one use of `seed` (file order, crops, TFDS shuffling) so the uses are unrelated."""
+    x = (int(seed) * 0x9E3779B97F4A7C15 + salt * 0xBF58476D1CE4E5B9) & _MASK63
+    x ^= x >> 31
+    return (x * 0x94D049BB133111EB) & _MASK63
+
+
+def _process(process_index, process_count):
+    if process_index is None or process_count is None:
+        import jax
+
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    cfg.check_process(process_index, process_count)
+    return process_index, process_count
+
+
+def _options(ds):
+    T = tf()
+    options = T.data.Options()
+    options.deterministic = True
+    # Parallelism comes from the map/interleave workers; intra-op threads would only contend with them.
+    options.threading.max_intra_op_parallelism = 1
+    return ds.with_options(options)
+
+
+def _decode_all(ds, size, *, train_random_crop, flip, crop_seed, method, read_files):
+    """{uid, data, key, index} -> {image float32 [size, size, 3], valid bool, key, index}, same order.
+
+    A file that cannot be read or decoded gives a zero image with valid=False instead of an error.
+    """
+    T = tf()
+
+    def load(el):
+        data = T.io.read_file(el["data"]) if read_files else el["data"]
+        seed = preprocess.example_seed(crop_seed, el["uid"])
+        image = preprocess.preprocess(data, size, random_crop=train_random_crop, flip=flip, seed=seed,
+                                      method=method)
+        return {"image": image, "valid": T.constant(True), "key": el["key"], "index": el["index"]}
+
+    def one(el):
+        # ignore_errors inside a one-element dataset turns the error into "no element", and the
+        # placeholder then takes its place; the outer stream keeps exactly one element per input.
+        placeholder = {"image": T.zeros([size, size, 3], T.float32), "valid": T.constant(False),
+                       "key": el["key"], "index": el["index"]}
+        attempt = T.data.Dataset.from_tensors(el).map(graph_fn(load)).ignore_errors()
+        return attempt.concatenate(T.data.Dataset.from_tensors(placeholder)).take(1)
+
+    return ds.interleave(graph_fn(one), cycle_length=T.data.AUTOTUNE, block_length=1,
+                         num_parallel_calls=T.data.AUTOTUNE, deterministic=True)
+
+
+class _Source:
+    """What the iterators need from a folder or a TFDS dataset; built by `_open`."""
+
+    def __init__(self, kind, description, read_files, num_examples):
+        self.kind = kind
+        self.description = description
+        self.read_files = read_files    # elements hold file paths (folders) or encoded bytes (TFDS)
+        self.num_examples = num_examples
+
+
+class _FolderSource(_Source):
+    def __init__(self, path):
+        self.files = folder_source.list_images(path)
+        super().__init__("folder", str(path), True, len(self.files))
+
+    def train_stream(self, seed, start, process_index, process_count, shuffle_buffer, split):
+        """(stream of {uid, data: path, key, index} from host position `start`, images per host per epoch)."""
+        del shuffle_buffer, split  # a folder has one split, and its order needs no buffer
+        T = tf()
+        n = len(self.files)
+        per_host = n // process_count
+        if per_host == 0:
+            raise ValueError(f"{n} images in {self.description} cannot be shared by {process_count} processes")
+        files = T.constant(self.files)
+        order_seed = _derive_seed(seed, 1)
+
+        def locate(j):
+            epoch, r = j // per_host, j % per_host
+            slot = r * process_count + process_index
+            index = T.random.experimental.index_shuffle(slot, seed=T.stack([T.constant(order_seed, T.int64), epoch]),
+                                                        max_index=T.constant(n - 1, T.int64))
+            path = T.gather(files, index)
+            return {"uid": j * process_count + process_index, "data": path, "key": path, "index": index}
+
+        stream = T.data.Dataset.range(start, 1 << 62).map(graph_fn(locate), num_parallel_calls=T.data.AUTOTUNE)
+        return stream, per_host
+
+    def eval_stream(self, process_index, process_count):
+        T = tf()
+        indices = np.arange(process_index, len(self.files), process_count)
+        paths = [self.files[i] for i in indices]
+        counts = [len(range(i, len(self.files), process_count)) for i in range(process_count)]
+        if not paths:
+            return None, counts
+        indices = indices.astype(np.int64)  # doubles as uid: evaluation draws no random numbers
+        ds = T.data.Dataset.from_tensor_slices({"data": paths, "key": paths, "index": indices, "uid": indices})
+        return ds, counts
+
+
+class _TFDSSource(_Source):
+    def __init__(self, name, data_dir, image_key):
+        self.builder = tfds_source.load_builder(name, data_dir)
+        self.image_key = image_key
+        super().__init__("tfds", f"TFDS {name}", False, None)
+
+    def _check(self, split):
+        tfds_source.check(self.builder, split, self.image_key)
+        self.num_examples = tfds_source.num_examples(self.builder, split)
+
+    def train_stream(self, seed, start, process_index, process_count, shuffle_buffer, split):
+        """(stream of {uid, data: encoded bytes, key, index} from host position `start`, records per host per epoch)."""
+        T = tf()
+        self._check(split)
+        part = tfds_source.host_split(split, process_index, process_count, drop_remainder=True)
+        per_host = tfds_source.num_examples(self.builder, part)
+        if per_host == 0:
+            raise ValueError(f"split {split!r} of {self.description} ({self.num_examples} examples) cannot be "
+                             f"shared by {process_count} processes")
+        records = tfds_source.encoded_records(self.builder, part, self.image_key)
+        buffer = max(1, min(int(shuffle_buffer), per_host))
+        shuffle_seed = _derive_seed(seed, 3) % (2**31 - 1)
+
+        def epoch_records(epoch):
+            # A seed per epoch: any epoch can be rebuilt on its own, which is what makes resuming cheap.
+            epoch_seed = (T.constant(shuffle_seed, T.int64) + epoch * 1_000_003) % (2**31 - 1)
+            return records.shuffle(buffer, seed=epoch_seed, reshuffle_each_iteration=False)
+
+        first_epoch, offset = divmod(start, per_host)
+        stream = T.data.Dataset.range(first_epoch, 1 << 62).flat_map(graph_fn(epoch_records)).skip(offset)
+        stream = stream.enumerate(start).map(graph_fn(
+            lambda j, el: {**el, "uid": j * process_count + process_index, "index": T.constant(-1, T.int64)}))
+        return stream, per_host
+
+    def eval_stream(self, process_index, process_count, split):
+        T = tf()
+        self._check(split)
+        counts = [tfds_source.num_examples(self.builder, tfds_source.host_split(split, i, process_count, False))
+                  for i in range(process_count)]
+        part = tfds_source.host_split(split, process_index, process_count, drop_remainder=False)
+        if counts[process_index] == 0:
+            return None, counts
+        ds = tfds_source.encoded_records(self.builder, part, self.image_key).enumerate()
+        ds = ds.map(graph_fn(lambda j, el: {**el, "uid": j, "index": T.constant(-1, T.int64)}))
+        return ds, counts
+
+
+def _open(config, eval_path=False):
+    kind = cfg.source_kind(config)
+    if kind == "folder":
+        path = cfg.get(config, "path")
+        if eval_path and cfg.get(config, "eval_path"):
+            path = cfg.get(config, "eval_path")
+        return _FolderSource(path)
+    return _TFDSSource(cfg.get(config, "name"), cfg.get(config, "data_dir"), cfg.get(config, "image_key"))
+
+
+class _Iterator:
+    """Shared bookkeeping: the skipped-file count the training loop logs."""
+
+    def __init__(self, source, local_batch_size, process_index, process_count, with_keys):
+        self.source = source.description
+        self.num_examples = source.num_examples
+        self.local_batch_size = local_batch_size
+        self.process_index = process_index
+        self.process_count = process_count
+        self.with_keys = with_keys
+        self.skipped = 0         # undecodable examples met so far by this iterator
+        self.skipped_keys = []   # the first few of them: file paths, or TFDS ids
+
+    def _record_skips(self, keys) -> None:
+        for key in keys:
+            self.skipped += 1
+            key = key.decode("utf-8", "replace") if isinstance(key, bytes) else str(key)
+            if len(self.skipped_keys) < _LOGGED_KEYS:
+                self.skipped_keys.append(key)
+                log.warning("skipping an image that cannot be read or decoded: %s", key)
+                if len(self.skipped_keys) == _LOGGED_KEYS:
+                    log.warning("further undecodable images are only counted (iterator.skipped)")
+
+    @property
+    def stats(self) -> dict:
+        return {"skipped": self.skipped}
+
+    def _output(self, batch, image):
+        out = {"image": image}
+        if self.with_keys:
+            out["key"], out["index"] = batch["key"], batch["index"]
+        return out
+
+    def __iter__(self):
+        return self
+
+
+class TrainIterator(_Iterator):
+    """Infinite iterator of {"image": float32 [local_batch_size, size, size, 3] in [-1, 1]}.
+
+    With with_keys=True batches also hold "key" (bytes [B_local]: file path or TFDS id) and "index"
+    (int64 [B_local]: the file's index in `files` for folders, -1 for TFDS), to check sharding and order;
+    prefetch_to_device leaves those on the host.
+
+    Attributes: step (the step of the next batch), skipped, skipped_keys, stats, num_examples,
+    examples_per_epoch (over all hosts), local_batch_size, and files (folder sources).
+    """
+
+    def __init__(self, ds, source, *, local_batch_size, start_step, per_host, process_index, process_count,
+                 with_keys):
+        super().__init__(source, local_batch_size, process_index, process_count, with_keys)
+        self.step = start_step
+        self.examples_per_epoch = per_host * process_count
+        self.files = getattr(source, "files", None)
+        self._per_host = per_host
+        self._batches = ds.as_numpy_iterator()
+        self._ahead = collections.deque()  # batches read early to repair an all-bad batch
+
+    def _pull(self):
+        return self._ahead.popleft() if self._ahead else next(self._batches)
+
+    def _lookahead(self):
+        yield from list(self._ahead)
+        while True:
+            batch = next(self._batches)
+            self._ahead.append(batch)
+            yield batch
+
+    def _repair(self, batch):
+        """Fills the rows of undecodable examples with decodable ones; counts the skips."""
+        valid = batch["valid"]
+        self._record_skips(batch["key"][~valid])
+        donors = {k: batch[k][valid] for k in ("image", "key", "index")}
+        if not valid.any():
+            # Files come in random order, so a long run of failures means (nearly) all files are bad; the
+            # limit also bounds the batches held in _ahead.
+            limit = min(self._per_host, max(16 * self.local_batch_size, 256)) + self.local_batch_size
+            seen = len(valid)
+            for later in self._lookahead():
+                if later["valid"].any():
+                    donors = {k: later[k][later["valid"]] for k in ("image", "key", "index")}
+                    break
+                seen += len(later["valid"])
+                if seen >= limit:
+                    raise RuntimeError(f"no image of {self.source} could be decoded in {seen} consecutive "
+                                       f"examples; first failures: {self.skipped_keys[:5]}")
+        bad = np.flatnonzero(~valid)
+        pick = np.arange(len(bad)) % len(donors["image"])
+        batch = {k: np.array(batch[k]) for k in ("image", "key", "index")}
+        for k in batch:
+            batch[k][bad] = donors[k][pick]
+        return batch
+
+    def __next__(self):
+        batch = self._pull()
+        if not batch["valid"].all():
+            batch = self._repair(batch)
+        self.step += 1
+        return self._output(batch, batch["image"])
+
+    @property
+    def stats(self) -> dict:
+        return {"skipped": self.skipped, "step": self.step}
+
+
+class EvalIterator(_Iterator):
+    """One pass over the evaluation data: {"image": float32 [B_local, size, size, 3], "mask": bool [B_local]}.
+
+    Every batch has the full local size. `mask` is False for padding (the last batch, and on hosts with
+    fewer examples whole trailing batches, so that all hosts yield `len(iterator)` batches) and for
+    undecodable images; those rows are zeros and must be left out of metrics. `skipped` counts the
+    undecodable ones.
+    """
+
+    def __init__(self, ds, source, *, local_batch_size, num_batches, size, process_index, process_count,
+                 with_keys):
+        super().__init__(source, local_batch_size, process_index, process_count, with_keys)
+        self.num_batches = num_batches
+        self.size = size
+        self._done = 0
+        self._batches = ds.as_numpy_iterator() if ds is not None else iter(())
+
+    def __len__(self):
+        return self.num_batches
+
+    def __next__(self):
+        if self._done >= self.num_batches:
+            raise StopIteration
+        self._done += 1
+        b, s = self.local_batch_size, self.size
+        batch = next(self._batches, None)
+        n = 0 if batch is None else len(batch["valid"])
+        if batch is not None and not batch["valid"].all():
+            self._record_skips(batch["key"][~batch["valid"]])
+        if n == b:
+            image, mask = batch["image"], batch["valid"]
+            full = batch
+        else:
+            image = np.zeros((b, s, s, 3), np.float32)
+            mask = np.zeros((b,), bool)
+            full = {"key": np.full((b,), b"", object), "index": np.full((b,), -1, np.int64)}
+            if n:
+                image[:n], mask[:n] = batch["image"], batch["valid"]
+                full["key"][:n], full["index"][:n] = batch["key"], batch["index"]
+        out = self._output(full, image)
+        out["mask"] = mask
+        return out
+
+
+def train_iterator(config, global_batch_size: int, seed: int = 0, start_step: int = 0, *,
+                   process_index: int | None = None, process_count: int | None = None,
+                   with_keys: bool = False) -> TrainIterator:
+    """The training stream for `config` (the `data` ConfigDict), from batch `start_step` on.
+
+    Yields {"image": float32 [global_batch_size // process_count, size, size, 3] in [-1, 1]} forever:
+    random crop (or center crop if data.random_crop is False) and optional flip. The batches are a
+    function of (config, seed, process_index, process_count, step) alone: start_step=k yields what an
+    iterator started at 0 yields from its k-th batch on. process_index / process_count default to JAX's.
+    """
+    size = cfg.image_size(config)
+    process_index, process_count = _process(process_index, process_count)
+    local = cfg.local_batch_size(global_batch_size, process_count)
+    if start_step < 0:
+        raise ValueError(f"start_step must be >= 0, got {start_step}")
+    method = cfg.get(config, "resize_method")
+    if method not in preprocess.RESIZE_METHODS:
+        raise ValueError(f"data.resize_method {method!r} is not one of {preprocess.RESIZE_METHODS}")
+    source = _open(config)
+    T = tf()
+    start = start_step * local
+    stream, per_host = source.train_stream(seed, start, process_index, process_count,
+                                           cfg.get(config, "shuffle_buffer"), cfg.get(config, "split"))
+    ds = _decode_all(stream, size, train_random_crop=bool(cfg.get(config, "random_crop")),
+                     flip=bool(cfg.get(config, "flip")), crop_seed=_derive_seed(seed, 2), method=method,
+                     read_files=source.read_files)
+    ds = _options(ds.batch(local, drop_remainder=True).prefetch(T.data.AUTOTUNE))
+    return TrainIterator(ds, source, local_batch_size=local, start_step=start_step, per_host=per_host,
+                         process_index=process_index, process_count=process_count, with_keys=with_keys)
+
+
+def eval_iterator(config, batch_size: int, split: str | None = None, *, process_index: int | None = None,
+                  process_count: int | None = None, with_keys: bool = False) -> EvalIterator:
+    """One pass over the evaluation data: center crops, no flip, in a fixed order.
+
+    batch_size is global, like train_iterator's: each host yields batch_size // process_count rows per
+    batch, padded at the end and marked by "mask" (see EvalIterator). TFDS reads `split` (default
+    data.eval_split); folder sources read data.eval_path, or data.path when that is unset, and ignore
+    `split`.
+    """
+    size = cfg.image_size(config)
+    process_index, process_count = _process(process_index, process_count)
+    local = cfg.local_batch_size(batch_size, process_count)
+    method = cfg.get(config, "resize_method")
+    source = _open(config, eval_path=True)
+    T = tf()
+    if source.kind == "folder":
+        stream, counts = source.eval_stream(process_index, process_count)
+    else:
+        stream, counts = source.eval_stream(process_index, process_count, split or cfg.get(config, "eval_split"))
+    num_batches = -(-max(counts) // local)
+    ds = None
+    if stream is not None:
+        ds = _decode_all(stream, size, train_random_crop=False, flip=False, crop_seed=0, method=method,
+                         read_files=source.read_files)
+        ds = _options(ds.batch(local).prefetch(T.data.AUTOTUNE))
+    return EvalIterator(ds, source, local_batch_size=local, num_batches=num_batches, size=size,
+                        process_index=process_index, process_count=process_count, with_keys=with_keys)

@@ -1,0 +1,130 @@
+"""Per-image preprocessing as the original's `ImagePaths`, written as TF ops so tf.data runs it on the host.
+
+The original (taming/data/base.py) does: PIL open -> convert("RGB") -> resize so the smaller side is `size`
+(albumentations.SmallestMaxSize, which also upscales) -> random or center crop to size x size ->
+`x / 127.5 - 1` as float32. We resize with an antialiased filter (the original's cv2 bilinear aliases when
+downscaling) and round back to uint8 levels as the original's uint8 resize does, so the values the model
+sees are the original's k / 127.5 - 1 grid. The horizontal flip is our addition (off by default).
+
+All functions take and return tensors and work both eagerly and inside `tf.data` maps.
+"""
+
+from vqgan_jax.data._tf import tf
+
+RESIZE_METHODS = ("bilinear", "bicubic", "area", "lanczos3", "lanczos5", "gaussian", "mitchellcubic")
+
+
+def decode(encoded):
+    """encoded: scalar string (jpeg/png/gif/bmp/webp bytes) -> uint8 [H, W, 3].
+
+    Greyscale gains three channels and alpha is dropped (as PIL's convert("RGB")); a GIF gives its first
+    frame. Raises InvalidArgumentError on corrupt or truncated bytes; the pipeline catches that per image.
+    """
+    T = tf()
+    image = T.io.decode_image(encoded, channels=3, dtype=T.uint8, expand_animations=False)
+    image.set_shape([None, None, 3])
+    return image
+
+
+def smaller_side_shape(height, width, size):
+    """The (height, width) after scaling so that min(height, width) == size; int32 scalars.
+
+    The long side is rounded half-to-even, as the original's albumentations `py3round`.
+    """
+    T = tf()
+    h = T.cast(height, T.float64)
+    w = T.cast(width, T.float64)
+    scale = size / T.minimum(h, w)
+    # The short side comes out as exactly `size`; max() guards the long one against float round-down.
+    new_h = T.maximum(T.cast(T.round(h * scale), T.int32), size)
+    new_w = T.maximum(T.cast(T.round(w * scale), T.int32), size)
+    return new_h, new_w
+
+
+def resize_smaller_side(image, size, method="bilinear"):
+    """image: [H, W, 3] (any real dtype, 0..255) -> float32 [H', W', 3] with min(H', W') == size."""
+    T = tf()
+    shape = T.shape(image)
+    new_h, new_w = smaller_side_shape(shape[0], shape[1], size)
+    image = T.cast(image, T.float32)
+    unchanged = T.logical_and(T.equal(new_h, shape[0]), T.equal(new_w, shape[1]))
+    return T.cond(unchanged, lambda: image,
+                  lambda: T.image.resize(image, T.stack([new_h, new_w]), method=method, antialias=True))
+
+
+def center_crop_offsets(height, width, size):
+    """(top, left) of the central size x size window; rounds down, as albumentations.CenterCrop."""
+    return (height - size) // 2, (width - size) // 2
+
+
+def random_crop_offsets(height, width, size, seed):
+    """(top, left) uniform over every valid window, drawn from a stateless seed (int64 [2])."""
+    T = tf()
+    u = T.random.stateless_uniform([2], seed=seed, dtype=T.float64)
+    top = T.cast(u[0] * T.cast(height - size + 1, T.float64), T.int32)
+    left = T.cast(u[1] * T.cast(width - size + 1, T.float64), T.int32)
+    return T.minimum(top, height - size), T.minimum(left, width - size)
+
+
+def crop(image, size, top, left):
+    """image: [H, W, C] -> [size, size, C] starting at (top, left)."""
+    T = tf()
+    out = image[top:top + size, left:left + size]
+    return T.ensure_shape(out, [size, size, image.shape[-1]])
+
+
+def random_flip(image, seed):
+    """Mirrors image [H, W, C] left-right with probability 1/2, decided by a stateless seed (int64 [2])."""
+    T = tf()
+    flip = T.random.stateless_uniform([], seed=seed) < 0.5
+    return T.cond(flip, lambda: T.reverse(image, axis=[1]), lambda: image)
+
+
+def to_model_range(image):
+    """image: float [H, W, 3] in 0..255 -> float32 in [-1, 1] as `x / 127.5 - 1` of the rounded uint8 level."""
+    T = tf()
+    image = T.clip_by_value(T.round(T.cast(image, T.float32)), 0.0, 255.0)
+    return image / 127.5 - 1.0
+
+
+def example_seed(seed, uid):
+    """The stateless seed (int64 [2]) of one example: its crop and flip derive from it alone.
+
+    `uid` is the example's global position in the stream, so the same (seed, position) always gets the
+    same crop and flip, whatever was skipped or resumed before it.
+    """
+    T = tf()
+    return T.stack([T.cast(seed, T.int64), T.cast(uid, T.int64)])
+
+
+def preprocess(encoded, size, *, random_crop=False, flip=False, seed=None, method="bilinear"):
+    """encoded image bytes -> float32 [size, size, 3] in [-1, 1].
+
+    seed: int64 [2] stateless seed (see `example_seed`); needed when random_crop or flip.
+    """
+    if method not in RESIZE_METHODS:
+        raise ValueError(f"unknown resize method {method!r}; choose one of {RESIZE_METHODS}")
+    T = tf()
+    image = resize_smaller_side(decode(encoded), size, method)
+    shape = T.shape(image)
+    if random_crop or flip:
+        if seed is None:
+            raise ValueError("random_crop and flip need a seed")
+        crop_seed, flip_seed = T.unstack(T.random.experimental.stateless_split(seed, num=2))
+    if random_crop:
+        top, left = random_crop_offsets(shape[0], shape[1], size, crop_seed)
+    else:
+        top, left = center_crop_offsets(shape[0], shape[1], size)
+    image = crop(image, size, top, left)
+    if flip:
+        image = random_flip(image, flip_seed)
+    return to_model_range(image)
+
+
+def load_image(path, size, method="bilinear"):
+    """Reads one image file -> numpy float32 [size, size, 3] in [-1, 1] (center crop, no flip).
+
+    For reconstructing or encoding single images outside the training pipeline.
+    """
+    T = tf()
+    return preprocess(T.io.read_file(str(path)), size, method=method).numpy()

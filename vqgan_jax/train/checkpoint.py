@@ -1,0 +1,46 @@
+"""Orbax checkpoints of the whole training state, in `workdir/checkpoints/<step>`.
+
+The state holds step, parameters, optimiser states, batch statistics, EMA and RNG; the data position is
+the step itself (the input pipeline is resumable by step), saved beside it as JSON for the record.
+"""
+
+import os
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class Checkpointer:
+    def __init__(self, workdir: str, keep: int = 3):
+        self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, state, step: int, extra: dict | None = None) -> None:
+        """Blocks until written: a save requested on preemption must land before the process exits."""
+        if step in self.manager.all_steps():
+            return
+        meta = dict(extra or {}, step=int(step))
+        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                        meta=ocp.args.JsonSave(meta)))
+        self.manager.wait_until_finished()
+
+    def restore(self, abstract_state, step: int | None = None):
+        """abstract_state: ShapeDtypeStructs carrying the target shardings -> (state, meta)."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.directory!r}")
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+        return restored["state"], restored["meta"]
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+def abstract_with_shardings(abstract_tree, shardings):
+    return jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                  abstract_tree, shardings)

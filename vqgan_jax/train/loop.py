@@ -1,0 +1,156 @@
+"""`run(config, workdir)`: the VQGAN training loop; `evaluate(config, workdir)`: metrics over a split.
+
+Sections: distributed set-up, mesh, models and state (born sharded, or restored), input, steps, loop with
+logging, checkpoints (periodic, on SIGTERM/SIGINT, at the end) and the generator's export.
+"""
+
+import functools
+import json
+import os
+import signal
+import threading
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+
+from vqgan_jax import data
+from vqgan_jax.metrics import EvalAccumulator
+from vqgan_jax.models import load_lpips_params
+from vqgan_jax.pretrained import save_pretrained
+from vqgan_jax.train.checkpoint import Checkpointer, abstract_with_shardings
+from vqgan_jax.train.logging import MetricWriter, Progress
+from vqgan_jax.train.sharding import batch_sharding, make_mesh, replicated, tree_shardings
+from vqgan_jax.train.state import build_models, init_state
+from vqgan_jax.train.steps import make_eval_step, make_train_step, phase
+
+
+def initialize_distributed(config) -> None:
+    d = config.distributed
+    if d.coordinator_address and not jax.distributed.is_initialized():
+        jax.distributed.initialize(coordinator_address=d.coordinator_address,
+                                   num_processes=d.num_processes, process_id=d.process_id)
+
+
+class _StopRequest:
+    """Turns SIGTERM/SIGINT into a flag the loop reads at step boundaries, so it saves before leaving."""
+
+    def __init__(self):
+        self.event = threading.Event()
+        self._previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, lambda *_: self.event.set())
+
+    def requested(self) -> bool:
+        # Every host must stop at the same step, or the collective save would hang.
+        flag = np.asarray(self.event.is_set(), np.int32)
+        if jax.process_count() > 1:
+            flag = multihost_utils.process_allgather(flag).max()
+        return bool(flag)
+
+    def restore(self):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _setup(config, workdir):
+    initialize_distributed(config)
+    mesh = make_mesh(config.mesh)
+    models = build_models(config)
+    lpips_params = jax.device_put(load_lpips_params(config.lpips_path or None), replicated(mesh))
+    init = functools.partial(init_state, models, config)
+    rng = jax.random.PRNGKey(config.seed)
+    abstract = jax.eval_shape(init, rng)
+    shardings = tree_shardings(abstract, mesh, config.sharding_rules)
+    checkpointer = Checkpointer(workdir, config.keep_checkpoints)
+    if checkpointer.latest_step() is not None:
+        state, _ = checkpointer.restore(abstract_with_shardings(abstract, shardings))
+    else:
+        state = jax.jit(init, out_shardings=shardings)(rng)
+    return mesh, models, lpips_params, shardings, checkpointer, state
+
+
+def run(config, workdir: str):
+    """Trains until `config.total_steps`, resuming from the last checkpoint in `workdir` if there is one."""
+    os.makedirs(workdir, exist_ok=True)
+    mesh, models, lpips_params, shardings, checkpointer, state = _setup(config, workdir)
+    start = int(state.step)
+    is_main = jax.process_index() == 0
+    writer = MetricWriter(workdir, enabled=is_main)
+    if is_main:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
+
+    source = data.train_iterator(config.data, global_batch_size=config.batch_size, seed=config.seed,
+                                 start_step=start)
+    batches = data.prefetch_to_device(source, batch_sharding(mesh))
+    repl = replicated(mesh)
+    steps = {}
+
+    def train_step(step):
+        key = phase(step, config.loss)
+        if key not in steps:
+            steps[key] = jax.jit(make_train_step(models, config, *key),
+                                 in_shardings=(shardings, batch_sharding(mesh), repl),
+                                 out_shardings=(shardings, repl), donate_argnums=0)
+        return steps[key]
+
+    # Inputs beside reconstructions, gathered onto every host: the batch is sharded across them.
+    reconstruct = jax.jit(lambda p, x: jnp.concatenate([x[:8], models.vq.apply({"params": p}, x[:8])[0]]),
+                          out_shardings=repl)
+    gather = jax.jit(lambda tree: tree, out_shardings=repl)
+    progress = Progress(config.total_steps, start)
+    stop = _StopRequest()
+    step = start
+    try:
+        while step < config.total_steps:
+            batch = next(batches)
+            t0 = time.perf_counter()
+            state, metrics = train_step(step)(state, batch, lpips_params)
+            step += 1
+            progress.update(step)
+            if step % config.log_every == 0 or step == config.total_steps:
+                scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                scalars.update(step_time=time.perf_counter() - t0, steps_per_sec=progress.steps_per_sec,
+                               skipped_files=getattr(source, "skipped", 0))
+                writer.write_scalars(step, scalars)
+            if config.image_every and (step % config.image_every == 0 or step == config.total_steps):
+                pairs = reconstruct(state.gen_params, batch["image"])
+                writer.write_images(step, "reconstructions", np.asarray(jax.device_get(pairs)))
+            if step % config.checkpoint_every == 0:
+                checkpointer.save(state, step)
+            if stop.requested():
+                break
+        checkpointer.save(state, step)
+        if step >= config.total_steps:
+            params = state.ema_params if state.ema_params is not None else state.gen_params
+            params = jax.device_get(gather(params))
+            save_pretrained(os.path.join(workdir, "export", "vqgan"), models.vq, {"params": params})
+    finally:
+        stop.restore()
+        writer.close()
+        checkpointer.close()
+    return state
+
+
+def evaluate(config, workdir: str, split: str | None = None) -> dict:
+    """PSNR, LPIPS and codebook usage of the last checkpoint's generator (EMA if kept) over a split;
+    written to `workdir/eval_<step>.json`."""
+    mesh, models, lpips_params, _, checkpointer, state = _setup(config, workdir)
+    checkpointer.close()
+    params = state.ema_params if state.ema_params is not None else state.gen_params
+    step_fn = jax.jit(make_eval_step(models))
+    acc = EvalAccumulator()
+    for i, batch in enumerate(data.eval_iterator(config.data, batch_size=config.batch_size, split=split)):
+        if config.eval_batches and i >= config.eval_batches:
+            break
+        p, l, idx = jax.device_get(step_fn(params, jnp.asarray(batch["image"]), lpips_params))
+        acc.update(psnr=p, lpips=l, indices=idx, mask=batch.get("mask"))
+    result = dict(acc.result(config.model.n_embed), step=int(state.step))
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, f"eval_{int(state.step)}.json"), "w") as f:
+            json.dump(result, f, indent=2)
+    return result

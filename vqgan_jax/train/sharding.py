@@ -1,0 +1,69 @@
+"""Device mesh and sharding rules, both taken from the config.
+
+`config.mesh`: axes as [(name, size)], one size may be -1 ("the rest"), e.g. [("data", -1), ("fsdp", 1)].
+`config.sharding_rules`: [(regex, spec)] matched in order against a leaf's path ("gen_params/decoder/
+conv_out/kernel"); spec is "replicate", "fsdp" (split the largest dimension divisible by the fsdp axis)
+or a tuple of mesh-axis names / None per dimension. Leaves that match no rule are replicated.
+Batches are split over every mesh axis.
+"""
+
+import re
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+
+def make_mesh(axes, devices=None) -> Mesh:
+    devices = np.asarray(devices if devices is not None else jax.devices())
+    names = [name for name, _ in axes]
+    sizes = [size for _, size in axes]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"mesh {axes}: at most one axis may have size -1")
+    known = int(np.prod([s for s in sizes if s != -1]))
+    if devices.size % known:
+        raise ValueError(f"mesh {axes} does not divide {devices.size} devices")
+    sizes = [devices.size // known if s == -1 else s for s in sizes]
+    if int(np.prod(sizes)) != devices.size:
+        raise ValueError(f"mesh {dict(zip(names, sizes))} needs {int(np.prod(sizes))} devices, have {devices.size}")
+    return Mesh(devices.reshape(sizes), names)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P(tuple(mesh.axis_names)))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def _spec_for(shape, rule, mesh: Mesh) -> P:
+    if rule == "replicate":
+        return P()
+    if rule == "fsdp":
+        n = mesh.shape.get("fsdp", 1)
+        dims = [d for d in np.argsort(shape)[::-1] if shape[d] % n == 0 and shape[d] >= n]
+        if n == 1 or not dims:
+            return P()
+        spec = [None] * len(shape)
+        spec[dims[0]] = "fsdp"
+        return P(*spec)
+    rule = tuple(rule)
+    if len(rule) != len(shape):
+        raise ValueError(f"sharding spec {rule} has {len(rule)} entries for a leaf of shape {shape}")
+    return P(*rule)
+
+
+def tree_shardings(tree, mesh: Mesh, rules) -> object:
+    """A NamedSharding for every leaf of `tree` (arrays or ShapeDtypeStructs) from the first matching rule."""
+    compiled = [(re.compile(pattern), spec) for pattern, spec in rules]
+
+    def leaf_sharding(path, leaf):
+        name = "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+        shape = tuple(getattr(leaf, "shape", ()))
+        for pattern, spec in compiled:
+            if pattern.fullmatch(name):
+                return NamedSharding(mesh, _spec_for(shape, spec, mesh) if shape else P())
+        return NamedSharding(mesh, P())
+
+    return jax.tree_util.tree_map_with_path(leaf_sharding, tree)

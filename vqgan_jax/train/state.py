@@ -1,0 +1,74 @@
+"""Training state, models and optimisers built from a config."""
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from vqgan_jax.models import VQGAN, NLayerDiscriminator
+
+
+@struct.dataclass
+class TrainState:
+    step: jax.Array
+    gen_params: Any
+    gen_opt_state: Any
+    disc_params: Any
+    disc_batch_stats: Any
+    disc_opt_state: Any
+    ema_params: Any  # None when config.optim.ema_decay == 0
+    rng: jax.Array
+
+
+@struct.dataclass
+class Models:
+    """The static half of training: modules and optimisers (no arrays)."""
+    vq: VQGAN = struct.field(pytree_node=False)
+    disc: NLayerDiscriminator = struct.field(pytree_node=False)
+    gen_tx: optax.GradientTransformation = struct.field(pytree_node=False)
+    disc_tx: optax.GradientTransformation = struct.field(pytree_node=False)
+    lpips: nn.Module = struct.field(pytree_node=False)
+
+
+def learning_rate(config) -> optax.Schedule:
+    """base_learning_rate x global batch size, as the original; optional linear warmup and cosine decay."""
+    peak = config.optim.base_learning_rate * config.batch_size
+    warmup = config.optim.warmup_steps
+    if config.optim.schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(0.0, peak, max(warmup, 0), max(config.total_steps, warmup + 1))
+    if config.optim.schedule != "constant":
+        raise ValueError(f"unknown schedule {config.optim.schedule!r}: use 'constant' or 'cosine'")
+    return optax.linear_schedule(0.0, peak, warmup) if warmup > 0 else optax.constant_schedule(peak)
+
+
+def optimizer(config) -> optax.GradientTransformation:
+    """Adam with the original's betas (0.5, 0.9), with optional global-norm clipping."""
+    adam = optax.adam(learning_rate(config), b1=config.optim.b1, b2=config.optim.b2)
+    if config.optim.grad_clip > 0:
+        return optax.chain(optax.clip_by_global_norm(config.optim.grad_clip), adam)
+    return adam
+
+
+def build_models(config) -> Models:
+    from vqgan_jax.models import LPIPS
+
+    vq = VQGAN(**config.model.to_dict())
+    disc = NLayerDiscriminator(ndf=config.loss.disc_ndf, n_layers=config.loss.disc_num_layers)
+    return Models(vq, disc, optimizer(config), optimizer(config), LPIPS())
+
+
+def init_state(models: Models, config, rng) -> TrainState:
+    """A fresh state; meant to run under `jax.jit(..., out_shardings=...)` so it is born sharded."""
+    size = config.data.size
+    dummy = jnp.zeros((1, size, size, models.vq.in_channels), jnp.float32)
+    k_gen, k_disc, k_state = jax.random.split(rng, 3)
+    gen_params = models.vq.init(k_gen, dummy)["params"]
+    disc_vars = models.disc.init(k_disc, dummy, train=False)
+    ema = gen_params if config.optim.ema_decay > 0 else None
+    return TrainState(step=jnp.zeros((), jnp.int32), gen_params=gen_params,
+                      gen_opt_state=models.gen_tx.init(gen_params), disc_params=disc_vars["params"],
+                      disc_batch_stats=disc_vars["batch_stats"], disc_opt_state=models.disc_tx.init(disc_vars["params"]),
+                      ema_params=ema, rng=k_state)

@@ -1,0 +1,112 @@
+"""The VQGAN training step: generator and discriminator updates as one pure function.
+
+One autoencoder forward serves both updates (the original runs it once per optimiser). The adaptive GAN
+weight needs the gradients of the reconstruction and GAN losses at the decoder's last conv kernel: they
+come from the same `vjp` as the full update, called with each loss's image cotangent and keeping only that
+kernel's gradient — XLA drops the rest of those two backward passes as dead code, so the price is two
+small weight-gradient convolutions, not two extra backward passes.
+"""
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from vqgan_jax import losses
+from vqgan_jax.metrics import psnr
+from vqgan_jax.train.state import Models, TrainState, learning_rate
+
+
+def phase(step: int, loss_config) -> tuple[bool, bool]:
+    """(GAN term in the generator loss, discriminator trained) at `step`, decided on the host so that
+    steps before `disc_start` compile without the discriminator at all."""
+    active = step >= loss_config.disc_start
+    return active, active or loss_config.disc_train_from_start
+
+
+def make_train_step(models: Models, config, gan_in_generator: bool, train_disc: bool) -> Callable:
+    """-> step(state, batch, lpips_params) -> (state, metrics); batch["image"]: [B, H, W, C] in [-1, 1]."""
+    lc = config.loss
+    schedule = learning_rate(config)
+    ema_decay = config.optim.ema_decay
+    disc_start_for_d = 0 if lc.disc_train_from_start else lc.disc_start
+
+    def disc_logits(params, batch_stats, images):
+        logits, updates = models.disc.apply({"params": params, "batch_stats": batch_stats}, images,
+                                            train=True, mutable=["batch_stats"])
+        return logits, updates["batch_stats"]
+
+    def step(state: TrainState, batch, lpips_params):
+        x = batch["image"]
+        rng = jax.random.fold_in(state.rng, state.step)
+
+        def autoencode(params):
+            x_rec, q = models.vq.apply({"params": params}, x, train=True, rngs={"dropout": rng})
+            # Losses in float32 whatever the models' compute dtype.
+            return (x_rec.astype(jnp.float32), q.loss.astype(jnp.float32)), q
+
+        (x_rec, q_loss), vjp_fn, q = jax.vjp(autoencode, state.gen_params, has_aux=True)
+
+        def rec_loss(x_rec):
+            d = models.lpips.apply({"params": lpips_params}, x, x_rec)
+            nll = losses.reconstruction_loss(x, x_rec, d, lc.perceptual_weight, lc.pixelloss_weight, lc.pixel_loss)
+            return nll, jnp.mean(d)
+
+        (nll, p_loss), g_rec = jax.value_and_grad(rec_loss, has_aux=True)(x_rec)
+        zero = jnp.zeros((), jnp.float32)
+        g_loss, d_weight, factor, image_cotangent = zero, zero, zero, g_rec
+        if gan_in_generator:
+            gan = lambda x_rec: losses.generator_loss(disc_logits(state.disc_params, state.disc_batch_stats, x_rec)[0])  # noqa: E731
+            g_loss, g_gan = jax.value_and_grad(gan)(x_rec)
+            last_layer = lambda cot: vjp_fn((cot, zero))[0]["decoder"]["conv_out"]["kernel"]  # noqa: E731
+            d_weight = losses.adaptive_weight(last_layer(g_rec), last_layer(g_gan), lc.disc_weight)
+            factor = losses.disc_factor(state.step, lc.disc_start, lc.disc_factor)
+            image_cotangent = g_rec + d_weight * factor * g_gan
+        grads = vjp_fn((image_cotangent, jnp.asarray(lc.codebook_weight, jnp.float32)))[0]
+        updates, gen_opt_state = models.gen_tx.update(grads, state.gen_opt_state, state.gen_params)
+        gen_params = optax.apply_updates(state.gen_params, updates)
+
+        metrics = {
+            "total_loss": nll + d_weight * factor * g_loss + lc.codebook_weight * q_loss,
+            "nll_loss": nll, "rec_loss": losses.pixel_loss(x, x_rec, lc.pixel_loss), "p_loss": p_loss,
+            "quant_loss": q_loss, "g_loss": g_loss, "d_weight": d_weight, "disc_factor": factor,
+            "codebook_usage": q.usage, "perplexity": q.perplexity, "psnr": jnp.mean(psnr(x, x_rec)),
+            "learning_rate": schedule(state.step),
+        }
+
+        disc_params, disc_opt_state, batch_stats = state.disc_params, state.disc_opt_state, state.disc_batch_stats
+        if train_disc:
+            fake = jax.lax.stop_gradient(x_rec)
+
+            def disc_loss(params):
+                # Real and fake go through separately, as in the original: each batch is normalised
+                # with its own BatchNorm statistics.
+                real_logits, stats = disc_logits(params, state.disc_batch_stats, x)
+                fake_logits, stats = disc_logits(params, stats, fake)
+                weight = losses.disc_factor(state.step, disc_start_for_d, lc.disc_factor)
+                loss = weight * losses.discriminator_loss(real_logits, fake_logits, lc.disc_loss)
+                return loss, (stats, jnp.mean(real_logits), jnp.mean(fake_logits))
+
+            (d_loss, (batch_stats, real, fake_mean)), d_grads = jax.value_and_grad(disc_loss, has_aux=True)(disc_params)
+            d_updates, disc_opt_state = models.disc_tx.update(d_grads, disc_opt_state, disc_params)
+            disc_params = optax.apply_updates(disc_params, d_updates)
+            metrics.update(disc_loss=d_loss, logits_real=real, logits_fake=fake_mean)
+
+        ema = state.ema_params
+        if ema is not None:
+            ema = optax.incremental_update(gen_params, ema, 1.0 - ema_decay)
+        new_state = state.replace(step=state.step + 1, gen_params=gen_params, gen_opt_state=gen_opt_state,
+                                  disc_params=disc_params, disc_batch_stats=batch_stats,
+                                  disc_opt_state=disc_opt_state, ema_params=ema)
+        return new_state, metrics
+
+    return step
+
+
+def make_eval_step(models: Models) -> Callable:
+    """-> step(gen_params, images, lpips_params) -> (psnr [B], lpips [B], indices [B, h, w])."""
+    def step(gen_params, x, lpips_params):
+        x_rec, q = models.vq.apply({"params": gen_params}, x)
+        return psnr(x, x_rec), models.lpips.apply({"params": lpips_params}, x, x_rec), q.indices
+    return step
