@@ -13,7 +13,6 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # The project's shared copy when it is beside the checkout, else the one kept in bench/.
@@ -86,9 +85,9 @@ def model_flops(fn, *args) -> float | None:
 def bench_vqgan_train_step(spec: dict, repeats: int, dtype: str, random_lpips: bool = False) -> dict:
     """One full step (generator + discriminator, discriminator active) at exactly the workload's shapes."""
     from vqgan_jax.train.config import default_config
-    from vqgan_jax.train.sharding import batch_sharding, make_mesh, replicated, tree_shardings
-    from vqgan_jax.train.state import build_models, init_state
-    from vqgan_jax.train.steps import make_train_step
+    from vqgan_jax.train.sharding import batch_sharding, make_mesh, replicated
+    from vqgan_jax.train.state import build_models, create_state
+    from vqgan_jax.train.steps import jit_train_step, make_train_step
 
     m, d = spec["model"], spec["disc"]
     h, w, c = spec["image"]
@@ -104,20 +103,16 @@ def bench_vqgan_train_step(spec: dict, repeats: int, dtype: str, random_lpips: b
 
     mesh = make_mesh(config.mesh)
     models = build_models(config)
-    init = lambda rng: init_state(models, config, rng)  # noqa: E731
-    shardings = tree_shardings(jax.eval_shape(init, jax.random.PRNGKey(0)), mesh, config.sharding_rules)
-    state = jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(0))
+    state, shardings, _ = create_state(models, config, mesh, jax.random.PRNGKey(0))
     images = jax.random.uniform(jax.random.PRNGKey(1), (spec["batch"], h, w, c), minval=-1, maxval=1)
     batch = {"image": jax.device_put(images, batch_sharding(mesh))}
     lpips_params = jax.device_put(lpips_weights(random_lpips), replicated(mesh))
-    step_fn = make_train_step(models, config, gan_in_generator=True, train_disc=True)
-    step = jax.jit(step_fn, in_shardings=(shardings, batch_sharding(mesh), replicated(mesh)),
-                   out_shardings=(shardings, replicated(mesh)), donate_argnums=0)
+    step = jit_train_step(models, config, mesh, shardings, gan_in_generator=True, train_disc=True)
 
     t0 = time.perf_counter()
     compiled = step.lower(state, batch, lpips_params).compile()
     compile_s = time.perf_counter() - t0
-    flops = model_flops(step_fn, state, batch, lpips_params)
+    flops = model_flops(make_train_step(models, config, True, True), state, batch, lpips_params)
     first_s, (state, metrics) = timed(compiled, state, batch, lpips_params)
     times = []
     for _ in range(repeats):

@@ -5,7 +5,6 @@ with different device counts (XLA_FLAGS=--xla_force_host_platform_device_count=N
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 
@@ -23,22 +22,18 @@ def tiny_config():
 
 def main(out_path):
     from vqgan_jax.models import load_lpips_params
-    from vqgan_jax.train.sharding import batch_sharding, make_mesh, replicated, tree_shardings
-    from vqgan_jax.train.state import build_models, init_state
-    from vqgan_jax.train.steps import make_train_step, phase
+    from vqgan_jax.train.sharding import batch_sharding, make_mesh, replicated
+    from vqgan_jax.train.state import build_models, create_state
+    from vqgan_jax.train.steps import jit_train_step, phase
 
     config = tiny_config()
     mesh = make_mesh(config.mesh)
     models = build_models(config)
-    init = lambda rng: init_state(models, config, rng)  # noqa: E731
-    shardings = tree_shardings(jax.eval_shape(init, jax.random.PRNGKey(0)), mesh, config.sharding_rules)
-    state = jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(0))
+    state, shardings, _ = create_state(models, config, mesh, jax.random.PRNGKey(0))
     images = jax.random.uniform(jax.random.PRNGKey(1), (config.batch_size, 16, 16, 3), minval=-1, maxval=1)
     batch = {"image": jax.device_put(images, batch_sharding(mesh))}
     lpips_params = jax.device_put(load_lpips_params(), replicated(mesh))
-    step = jax.jit(make_train_step(models, config, *phase(0, config.loss)),
-                   in_shardings=(shardings, batch_sharding(mesh), replicated(mesh)),
-                   out_shardings=(shardings, replicated(mesh)), donate_argnums=0)
+    step = jit_train_step(models, config, mesh, shardings, *phase(0, config.loss))
     state, metrics = step(state, batch, lpips_params)
     flat = {"/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path): np.asarray(v)
             for path, v in jax.tree_util.tree_flatten_with_path(jax.device_get(state))[0]}

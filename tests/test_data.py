@@ -139,18 +139,13 @@ def test_file_list_resolves_relative_paths(tmp_path, folder):
     assert [os.path.realpath(p) for p in data.list_images(str(lst))] == [os.path.realpath(p) for p in paths[:5]]
 
 
-def test_skimage_photos_for_the_demo(tmp_path):
+def test_skimage_photos_for_the_demo():
     if importlib.util.find_spec("skimage") is None:  # find_spec: importing skimage would cost seconds
         pytest.skip("scikit-image is not installed")
-    from vqgan_jax.data.demo import export_skimage_photos
-
     files = data.list_images("skimage:")
     assert files and all(f.lower().endswith(data.IMAGE_EXTENSIONS) for f in files)
     assert [os.path.basename(f) for f in data.list_images("skimage:astronaut.png,coffee.png")] == \
         ["astronaut.png", "coffee.png"]
-    out = export_skimage_photos(str(tmp_path / "demo"))
-    assert sorted(os.listdir(out)) == sorted(os.path.basename(f) for f in files)
-    assert export_skimage_photos(out) == out  # again: nothing to do
 
 
 # --- preprocessing ---------------------------------------------------------------------------------------

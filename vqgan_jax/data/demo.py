@@ -2,7 +2,6 @@
 
 import importlib.util
 import os
-import shutil
 
 # Natural photographs only: the package also ships synthetic test patterns (chessboards, logos, text)
 # that would teach a tiny model little about images.
@@ -28,20 +27,3 @@ def skimage_photos(names=None) -> list[str]:
     if not found:
         raise FileNotFoundError(f"none of the photographs {list(names or SKIMAGE_PHOTOS)} are in {root}")
     return found
-
-
-def export_skimage_photos(folder: str, names=None) -> str:
-    """Copies the bundled photographs into `folder` (created if needed) and returns it, for `data.path`.
-
-    Safe to call from several hosts at once on a shared file system: each file is written to a private
-    temporary name and renamed into place.
-    """
-    os.makedirs(folder, exist_ok=True)
-    for src in skimage_photos(names):
-        dst = os.path.join(folder, os.path.basename(src))
-        if os.path.exists(dst) and os.path.getsize(dst) == os.path.getsize(src):
-            continue
-        tmp = f"{dst}.tmp{os.getpid()}"
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    return folder

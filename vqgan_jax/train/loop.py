@@ -23,8 +23,8 @@ from vqgan_jax.pretrained import save_pretrained
 from vqgan_jax.train.checkpoint import Checkpointer, abstract_with_shardings
 from vqgan_jax.train.logging import MetricWriter, Progress
 from vqgan_jax.train.sharding import batch_sharding, make_mesh, replicated, tree_shardings
-from vqgan_jax.train.state import build_models, init_state
-from vqgan_jax.train.steps import make_eval_step, make_train_step, phase
+from vqgan_jax.train.state import build_models, create_state, init_state
+from vqgan_jax.train.steps import jit_train_step, make_eval_step, phase
 
 
 def initialize_distributed(config) -> None:
@@ -61,15 +61,14 @@ def _setup(config, workdir):
     mesh = make_mesh(config.mesh)
     models = build_models(config)
     lpips_params = jax.device_put(load_lpips_params(config.lpips_path or None), replicated(mesh))
-    init = functools.partial(init_state, models, config)
-    rng = jax.random.PRNGKey(config.seed)
-    abstract = jax.eval_shape(init, rng)
-    shardings = tree_shardings(abstract, mesh, config.sharding_rules)
     checkpointer = Checkpointer(workdir, config.keep_checkpoints)
+    rng = jax.random.PRNGKey(config.seed)
     if checkpointer.latest_step() is not None:
+        abstract = jax.eval_shape(functools.partial(init_state, models, config), rng)
+        shardings = tree_shardings(abstract, mesh, config.sharding_rules)
         state, _ = checkpointer.restore(abstract_with_shardings(abstract, shardings))
     else:
-        state = jax.jit(init, out_shardings=shardings)(rng)
+        state, shardings, _ = create_state(models, config, mesh, rng)
     return mesh, models, lpips_params, shardings, checkpointer, state
 
 
@@ -93,9 +92,7 @@ def run(config, workdir: str):
     def train_step(step):
         key = phase(step, config.loss)
         if key not in steps:
-            steps[key] = jax.jit(make_train_step(models, config, *key),
-                                 in_shardings=(shardings, batch_sharding(mesh), repl),
-                                 out_shardings=(shardings, repl), donate_argnums=0)
+            steps[key] = jit_train_step(models, config, mesh, shardings, *key)
         return steps[key]
 
     # Inputs beside reconstructions, gathered onto every host: the batch is sharded across them.

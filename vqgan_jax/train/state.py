@@ -72,3 +72,14 @@ def init_state(models: Models, config, rng) -> TrainState:
                       gen_opt_state=models.gen_tx.init(gen_params), disc_params=disc_vars["params"],
                       disc_batch_stats=disc_vars["batch_stats"], disc_opt_state=models.disc_tx.init(disc_vars["params"]),
                       ema_params=ema, rng=k_state)
+
+
+def create_state(models: Models, config, mesh, rng):
+    """-> (state, shardings, abstract state): the state is created already sharded by
+    `config.sharding_rules` (`jax.jit(init, out_shardings=...)`), never whole on one device."""
+    from vqgan_jax.train.sharding import tree_shardings
+
+    init = lambda rng: init_state(models, config, rng)  # noqa: E731
+    abstract = jax.eval_shape(init, rng)
+    shardings = tree_shardings(abstract, mesh, config.sharding_rules)
+    return jax.jit(init, out_shardings=shardings)(rng), shardings, abstract

@@ -104,6 +104,15 @@ def make_train_step(models: Models, config, gan_in_generator: bool, train_disc: 
     return step
 
 
+def jit_train_step(models: Models, config, mesh, state_shardings, gan_in_generator: bool, train_disc: bool):
+    """The step jitted for `mesh`: batch split over every axis, state donated and kept in its shardings."""
+    from vqgan_jax.train.sharding import batch_sharding, replicated
+
+    return jax.jit(make_train_step(models, config, gan_in_generator, train_disc),
+                   in_shardings=(state_shardings, batch_sharding(mesh), replicated(mesh)),
+                   out_shardings=(state_shardings, replicated(mesh)), donate_argnums=0)
+
+
 def make_eval_step(models: Models) -> Callable:
     """-> step(gen_params, images, lpips_params) -> (psnr [B], lpips [B], indices [B, h, w])."""
     def step(gen_params, x, lpips_params):
