@@ -88,7 +88,7 @@ def _final_params(workdir):
 
 def test_resume_continues_exactly(tmp_path):
     """6 steps straight == 3 steps, stop, resume, 3 more steps (parameters, data order, RNG, optimiser)."""
-    from vqgan_jax.train import run
+    from vqgan_jax.train import evaluate, run
 
     data_path = _images(str(tmp_path / "images"))
     straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
@@ -105,6 +105,13 @@ def test_resume_continues_exactly(tmp_path):
     assert logged[0]["disc_factor"] == 0 and logged[-1]["disc_factor"] == 1 and "disc_loss" in logged[-1]
     for key in ("total_loss", "psnr", "codebook_usage", "perplexity", "learning_rate", "d_weight", "steps_per_sec"):
         assert np.isfinite(logged[-1][key]), key
+
+    result = evaluate(_tiny_run_config(data_path, 6), straight)
+    assert result["num_images"] == 12 and result["step"] == 6
+    assert 0 < result["codebook_usage"] <= 1 and np.isfinite(result["psnr"]) and result["lpips"] > 0
+    assert os.path.exists(os.path.join(straight, "eval_6.json"))
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        evaluate(_tiny_run_config(data_path, 6), str(tmp_path / "empty"))
 
 
 def _free_port():

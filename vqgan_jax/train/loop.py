@@ -136,6 +136,9 @@ def run(config, workdir: str):
 def evaluate(config, workdir: str, split: str | None = None) -> dict:
     """PSNR, LPIPS and codebook usage of the last checkpoint's generator (EMA if kept) over a split;
     written to `workdir/eval_<step>.json`."""
+    checkpoints = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(checkpoints) or not any(d.isdigit() for d in os.listdir(checkpoints)):
+        raise FileNotFoundError(f"no checkpoint in {workdir!r} to evaluate: train there first")
     mesh, models, lpips_params, _, checkpointer, state = _setup(config, workdir)
     checkpointer.close()
     params = state.ema_params if state.ema_params is not None else state.gen_params
