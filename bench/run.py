@@ -103,7 +103,7 @@ def bench_vqgan_train_step(spec: dict, repeats: int, dtype: str, random_lpips: b
 
     mesh = make_mesh(config.mesh)
     models = build_models(config)
-    state, shardings, _ = create_state(models, config, mesh, jax.random.PRNGKey(0))
+    state, shardings = create_state(models, config, mesh, jax.random.PRNGKey(0))
     images = jax.random.uniform(jax.random.PRNGKey(1), (spec["batch"], h, w, c), minval=-1, maxval=1)
     batch = {"image": jax.device_put(images, batch_sharding(mesh))}
     lpips_params = jax.device_put(lpips_weights(random_lpips), replicated(mesh))

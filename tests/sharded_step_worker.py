@@ -29,7 +29,7 @@ def main(out_path):
     config = tiny_config()
     mesh = make_mesh(config.mesh)
     models = build_models(config)
-    state, shardings, _ = create_state(models, config, mesh, jax.random.PRNGKey(0))
+    state, shardings = create_state(models, config, mesh, jax.random.PRNGKey(0))
     images = jax.random.uniform(jax.random.PRNGKey(1), (config.batch_size, 16, 16, 3), minval=-1, maxval=1)
     batch = {"image": jax.device_put(images, batch_sharding(mesh))}
     lpips_params = jax.device_put(load_lpips_params(), replicated(mesh))

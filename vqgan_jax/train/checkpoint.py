@@ -19,13 +19,12 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, state, step: int, extra: dict | None = None) -> None:
+    def save(self, state, step: int) -> None:
         """Blocks until written: a save requested on preemption must land before the process exits."""
         if step in self.manager.all_steps():
             return
-        meta = dict(extra or {}, step=int(step))
         self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                        meta=ocp.args.JsonSave(meta)))
+                                                        meta=ocp.args.JsonSave({"step": int(step)})))
         self.manager.wait_until_finished()
 
     def restore(self, abstract_state, step: int | None = None):

@@ -4,7 +4,6 @@ Sections: distributed set-up, mesh, models and state (born sharded, or restored)
 logging, checkpoints (periodic, on SIGTERM/SIGINT, at the end) and the generator's export.
 """
 
-import functools
 import json
 import os
 import signal
@@ -22,8 +21,8 @@ from vqgan_jax.models import load_lpips_params
 from vqgan_jax.pretrained import save_pretrained
 from vqgan_jax.train.checkpoint import Checkpointer, abstract_with_shardings
 from vqgan_jax.train.logging import MetricWriter, Progress
-from vqgan_jax.train.sharding import batch_sharding, make_mesh, replicated, tree_shardings
-from vqgan_jax.train.state import build_models, create_state, init_state
+from vqgan_jax.train.sharding import batch_sharding, make_mesh, replicated
+from vqgan_jax.train.state import build_models, create_state, state_shapes
 from vqgan_jax.train.steps import jit_train_step, make_eval_step, phase
 
 
@@ -64,11 +63,10 @@ def _setup(config, workdir):
     checkpointer = Checkpointer(workdir, config.keep_checkpoints)
     rng = jax.random.PRNGKey(config.seed)
     if checkpointer.latest_step() is not None:
-        abstract = jax.eval_shape(functools.partial(init_state, models, config), rng)
-        shardings = tree_shardings(abstract, mesh, config.sharding_rules)
+        abstract, shardings = state_shapes(models, config, mesh, rng)
         state, _ = checkpointer.restore(abstract_with_shardings(abstract, shardings))
     else:
-        state, shardings, _ = create_state(models, config, mesh, rng)
+        state, shardings = create_state(models, config, mesh, rng)
     return mesh, models, lpips_params, shardings, checkpointer, state
 
 

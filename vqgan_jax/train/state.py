@@ -74,12 +74,17 @@ def init_state(models: Models, config, rng) -> TrainState:
                       ema_params=ema, rng=k_state)
 
 
-def create_state(models: Models, config, mesh, rng):
-    """-> (state, shardings, abstract state): the state is created already sharded by
-    `config.sharding_rules` (`jax.jit(init, out_shardings=...)`), never whole on one device."""
+def state_shapes(models: Models, config, mesh, rng):
+    """-> (abstract state, its shardings by `config.sharding_rules`), without creating any array."""
     from vqgan_jax.train.sharding import tree_shardings
 
+    abstract = jax.eval_shape(lambda rng: init_state(models, config, rng), rng)
+    return abstract, tree_shardings(abstract, mesh, config.sharding_rules)
+
+
+def create_state(models: Models, config, mesh, rng):
+    """-> (state, shardings): the state is created already sharded (`jax.jit(init, out_shardings=...)`),
+    never whole on one device."""
+    _, shardings = state_shapes(models, config, mesh, rng)
     init = lambda rng: init_state(models, config, rng)  # noqa: E731
-    abstract = jax.eval_shape(init, rng)
-    shardings = tree_shardings(abstract, mesh, config.sharding_rules)
-    return jax.jit(init, out_shardings=shardings)(rng), shardings, abstract
+    return jax.jit(init, out_shardings=shardings)(rng), shardings

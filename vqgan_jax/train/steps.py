@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import optax
 
 from vqgan_jax import losses
-from vqgan_jax.metrics import psnr
+from vqgan_jax.metrics import lpips_distance, psnr
 from vqgan_jax.train.state import Models, TrainState, learning_rate
 
 
@@ -117,5 +117,5 @@ def make_eval_step(models: Models) -> Callable:
     """-> step(gen_params, images, lpips_params) -> (psnr [B], lpips [B], indices [B, h, w])."""
     def step(gen_params, x, lpips_params):
         x_rec, q = models.vq.apply({"params": gen_params}, x)
-        return psnr(x, x_rec), models.lpips.apply({"params": lpips_params}, x, x_rec), q.indices
+        return psnr(x, x_rec), lpips_distance(lpips_params, x, x_rec), q.indices
     return step
