@@ -9,6 +9,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from vqgan_jax.models.conv import Conv
+
 Dtype = Any
 
 
@@ -25,9 +27,8 @@ class NLayerDiscriminator(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = True):
         def conv(features, stride, index, use_bias):
-            return nn.Conv(features, (4, 4), strides=(stride, stride), padding=((1, 1), (1, 1)),
-                           use_bias=use_bias, dtype=self.dtype, name=f"main_{index}",
-                           kernel_init=nn.initializers.normal(0.02))
+            return Conv(features, 4, strides=stride, padding=((1, 1), (1, 1)), use_bias=use_bias,
+                        dtype=self.dtype, name=f"main_{index}", kernel_init=nn.initializers.normal(0.02))
 
         def norm(index):
             # PyTorch's BatchNorm2d: eps 1e-5, running averages updated with momentum 0.1.

@@ -5,21 +5,23 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from vqgan_jax.models.conv import Conv
+from vqgan_jax.models.norm import GroupNorm
+
 Dtype = Any
 
 
 def conv(features: int, kernel: int, name: str, dtype: Dtype = jnp.float32,
-         stride: int = 1, padding: Any = None) -> nn.Conv:
+         stride: int = 1, padding: Any = None) -> Conv:
     """A square convolution; by default padded by `kernel // 2` on every side, as PyTorch's `padding=k//2`."""
     if padding is None:
         padding = [(kernel // 2, kernel // 2)] * 2
-    return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=padding,
-                   dtype=dtype, name=name)
+    return Conv(features, kernel, strides=stride, padding=padding, dtype=dtype, name=name)
 
 
-def group_norm(name: str, dtype: Dtype = jnp.float32) -> nn.GroupNorm:
+def group_norm(name: str, dtype: Dtype = jnp.float32) -> GroupNorm:
     # 32 groups, eps 1e-6 as the original; the two-pass variance matches PyTorch to float precision.
-    return nn.GroupNorm(num_groups=32, epsilon=1e-6, use_fast_variance=False, dtype=dtype, name=name)
+    return GroupNorm(num_groups=32, epsilon=1e-6, dtype=dtype, name=name)
 
 
 class ResnetBlock(nn.Module):
@@ -61,7 +63,7 @@ class Downsample(nn.Module):
     @nn.compact
     def __call__(self, x):
         x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
-        return conv(x.shape[-1], 3, "conv", self.dtype, stride=2, padding="VALID")(x)
+        return conv(x.shape[-1], 3, "conv", self.dtype, stride=2, padding=((0, 0), (0, 0)))(x)
 
 
 class Upsample(nn.Module):
