@@ -1,8 +1,10 @@
-"""Train (or evaluate) a VQGAN.
+"""Train (or evaluate) a VQGAN, or a transformer on a VQGAN's codes (configs with stage="transformer").
 
   python train.py --config configs/vqgan_custom.py:runlocal --config.data.path=/my/images \
       --config.total_steps=200 --workdir runs/x
   python train.py --config configs/vqgan_custom.py --workdir runs/x --mode eval
+  python train.py --config configs/transformer_custom.py:runlocal \
+      --config.first_stage.checkpoint=runs/x/export/vqgan --config.data.path=/my/images --workdir runs/gpt
 
 Every config field can be overridden with --config.<field>=<value>; an unknown field or a value of the
 wrong type fails before anything runs. A run resumes from the last checkpoint in --workdir.

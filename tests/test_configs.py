@@ -8,7 +8,9 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = ["vqgan_imagenet_f16_1024", "vqgan_imagenet_f16_16384", "vqgan_faceshq", "vqgan_custom", "demo"]
+CONFIGS = ["vqgan_imagenet_f16_1024", "vqgan_imagenet_f16_16384", "vqgan_faceshq", "vqgan_custom", "demo",
+           "vqgan_sflckr_seg"]
+TRANSFORMER_CONFIGS = ["transformer_faceshq", "transformer_imagenet_cin", "transformer_sflckr", "transformer_custom"]
 
 
 def _load(name):
@@ -31,11 +33,40 @@ def test_config_builds_its_models(name):
             assert c.total_steps <= 50 and c.data.size <= 64
 
 
+@pytest.mark.parametrize("name", TRANSFORMER_CONFIGS)
+def test_transformer_config_fits_its_sequence(name):
+    """condition + image codes - 1 positions fit block_size at the crop size, for the :runlocal VQGANs
+    (f=2) and the full ones (f=16); the checks every run makes pass."""
+    from vqgan_jax.train.stages import check_config
+    from vqgan_jax.train.transformer import build_gpt
+
+    cond_length = {"sos": lambda c, g: 1, "class": lambda c, g: 1, "segmentation": lambda c, g: g * g,
+                   "coord": lambda c, g: (c.data.size // c.cond_stage.down_factor) ** 2}
+    for arg, factor in ((None, 16), ("runlocal", 2)):
+        c = _load(name).get_config(arg)
+        assert c.stage == "transformer"
+        build_gpt(c)
+        if c.cond_stage.kind == "segmentation":
+            c.data.segmentation_path = "/labels"  # given on the command line (see the config's docstring)
+        check_config(c)
+        g = c.data.size // factor
+        assert cond_length[c.cond_stage.kind](c, g) + g * g - 1 <= c.model.block_size
+        if arg == "runlocal":
+            assert c.total_steps <= 50 and c.model.n_layer <= 2
+
+
 def test_original_hyperparameters():
     c = _load("vqgan_imagenet_f16_16384").get_config()
     assert (c.model.n_embed, c.model.ch_mult, c.model.attn_resolutions) == (16384, (1, 1, 2, 2, 4), (16,))
     assert (c.optim.base_learning_rate, c.optim.b1, c.optim.b2) == (4.5e-6, 0.5, 0.9)
     assert _load("vqgan_faceshq").get_config().loss.disc_start == 30001
+    cin = _load("transformer_imagenet_cin").get_config().model
+    assert (cin.vocab_size, cin.block_size, cin.n_layer, cin.n_head, cin.n_embd) == (16384, 256, 48, 24, 1536)
+    faces = _load("transformer_faceshq").get_config()
+    assert (faces.model.n_layer, faces.cond_stage.kind, faces.cond_stage.down_factor) == (24, "coord", 16)
+    assert (faces.optim.b1, faces.optim.b2, faces.optim.weight_decay) == (0.9, 0.95, 0.01)
+    seg = _load("vqgan_sflckr_seg").get_config()
+    assert (seg.model.in_channels, seg.model.out_ch, seg.loss.kind) == (182, 182, "segmentation")
 
 
 @pytest.mark.parametrize("override, message", [("--config.data.pth=/x", "pth"),

@@ -246,7 +246,7 @@ def test_deterministic_for_a_seed_and_reshuffled_per_epoch(folder):
     a, b = (_take(it, 4) for it in its)
     assert its[0].step == 4
     for x, y in zip(a, b):
-        assert set(x) == {"image", "key", "index"}
+        assert set(x) == {"image", "crop", "flipped", "key", "index"}
         _check_images(x["image"], 5)
         np.testing.assert_array_equal(x["image"], y["image"])
         np.testing.assert_array_equal(x["key"], y["key"])
@@ -258,10 +258,12 @@ def test_deterministic_for_a_seed_and_reshuffled_per_epoch(folder):
                                   [paths.index(k.decode()) for k in keys])
     other = data.train_iterator(c, seed=8, **kw)
     assert not np.array_equal(np.concatenate([x["key"] for x in _take(other, 2)]), keys[:10])
-    # Without with_keys the batch is exactly {"image"}.
+    # Without with_keys (and without label maps) the batch is exactly these per-example arrays.
     plain = data.train_iterator(c, seed=7, **{**kw, "with_keys": False})
     batch = next(plain)
-    assert set(batch) == {"image"}
+    assert set(batch) == {"image", "crop", "flipped"}
+    assert batch["crop"].shape == (5, 4) and batch["crop"].dtype == np.int32
+    assert batch["flipped"].shape == (5,) and batch["flipped"].dtype == bool
     np.testing.assert_array_equal(batch["image"], a[0]["image"])
 
 
@@ -407,6 +409,258 @@ def test_tfds_bad_split_and_key(tfds_dir):
                                     split="test"), **kw)
     with pytest.raises(ValueError, match="no feature 'image'"):
         data.train_iterator(_config(name="vqgan_jax_tiny_images", data_dir=tfds_dir), **kw)
+
+
+# --- label maps and crop windows -------------------------------------------------------------------------
+
+N_LABELS = 50
+SFLCKR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data", "sflckr")
+
+
+def _write_pair(images, label_maps, rel, image, labels, mode=None):
+    """image at <images>/<rel>, and unless labels is None its label map at <label_maps>/<rel stem>.png."""
+    path = _save(os.path.join(images, rel), image)
+    if labels is not None:
+        _save(os.path.join(label_maps, os.path.splitext(rel)[0] + ".png"), labels, mode=mode)
+    return path
+
+
+def _seg_config(images, label_maps, **kw):
+    return _config(path=str(images), segmentation_path=str(label_maps), **{"n_labels": N_LABELS, **kw})
+
+
+def _constant(h, w, value, channels=3):
+    return np.full((h, w, channels) if channels else (h, w), value, np.uint8)
+
+
+def _levels(image):
+    """float32 [..., 3] in [-1, 1] -> the uint8 levels it was made from, as float64."""
+    return (image.astype(np.float64) + 1.0) * 127.5
+
+
+def _position_image(h, w, step):
+    """RGB whose red is step * column and green step * row: a crop's pixels tell where they came from."""
+    y, x = np.mgrid[0:h, 0:w]
+    return np.stack([step * x, step * y, np.zeros_like(x)], -1).astype(np.uint8)
+
+
+def _segmentation_batches(config, n, seeds, batch_size=2):
+    for seed in seeds:
+        it = data.train_iterator(config, global_batch_size=batch_size, seed=seed, process_index=0,
+                                 process_count=1, with_keys=True)
+        yield from _take(it, n)
+
+
+def test_label_maps_paired_by_relative_path(tmp_path):
+    images, maps = tmp_path / "images", tmp_path / "maps"
+    # File i is a constant colour 20 * i with the constant class i, so every row shows which files it read.
+    rels = ["a.png", "b.jpg", "sub/c.png", "sub/deeper/d.JPEG", "sub/e.png"]
+    paths = [_write_pair(images, maps, rel, _constant(SIZE, SIZE + 4, 20 * i), _constant(SIZE, SIZE + 4, i, 0))
+             for i, rel in enumerate(rels)]
+    assert data.folder.label_map_path(paths[3], str(images), str(maps)) == str(maps / "sub" / "deeper" / "d.png")
+    c = _seg_config(images, maps)
+    ev = data.eval_iterator(c, batch_size=5, process_index=0, process_count=1, with_keys=True)
+    (batch,) = list(ev)
+    assert batch["mask"].all() and ev.skipped == 0
+    assert batch["segmentation"].shape == (5, SIZE, SIZE) and batch["segmentation"].dtype == np.uint8
+    for key, image, seg in zip(batch["key"], batch["image"], batch["segmentation"]):
+        i = paths.index(key.decode())
+        assert (seg == i).all()
+        assert np.abs(_levels(image) - 20 * i).max() <= 2.0  # JPEG is near, PNG exact
+    for batch in _segmentation_batches(c, 2, seeds=[1], batch_size=5):
+        for key, seg in zip(batch["key"], batch["segmentation"]):
+            assert (seg == paths.index(key.decode())).all()
+
+    # A file list pairs by the path relative to its own folder, and must not name images outside it.
+    listed = images / "list.txt"
+    listed.write_text("sub/c.png\na.png\n")
+    ev = data.eval_iterator(_seg_config(listed, maps), batch_size=2, process_index=0, process_count=1)
+    assert [int(s[0, 0]) for s in next(ev)["segmentation"]] == [2, 0]
+    (tmp_path / "lists").mkdir()
+    outside = tmp_path / "lists" / "outside.txt"
+    outside.write_text(f"{paths[0]}\n")
+    with pytest.raises(ValueError, match="outside that folder"):
+        data.train_iterator(_seg_config(outside, maps), global_batch_size=1, process_index=0, process_count=1)
+
+
+def test_label_map_gets_the_image_crop_and_flip(tmp_path):
+    images, maps = tmp_path / "images", tmp_path / "maps"
+    # Short side == SIZE: no resize, so the image's pixels give the exact source position of every label.
+    for name, (h, w) in {"land.png": (SIZE, 40), "port.png": (40, SIZE)}.items():
+        y, x = np.mgrid[0:h, 0:w]
+        _write_pair(images, maps, name, _position_image(h, w, 5), ((x + 7 * y) % N_LABELS).astype(np.uint8))
+    c = _seg_config(images, maps, flip=True)
+    windows = set()
+    for batch in _segmentation_batches(c, 3, seeds=range(4)):
+        for image, seg, (top, left, h, w), flipped in zip(batch["image"], batch["segmentation"], batch["crop"],
+                                                          batch["flipped"]):
+            levels = np.round(_levels(image)).astype(np.int64)
+            x, y = levels[..., 0] // 5, levels[..., 1] // 5
+            np.testing.assert_array_equal(seg, (x + 7 * y) % N_LABELS)
+            cols = left + np.arange(SIZE)
+            np.testing.assert_array_equal(x, np.broadcast_to(cols[::-1] if flipped else cols, x.shape))
+            np.testing.assert_array_equal(y.T, np.broadcast_to(top + np.arange(SIZE), y.shape))
+            assert (h, w) in {(SIZE, 40), (40, SIZE)}
+            windows.add((int(top), int(left), bool(flipped)))
+    assert len(windows) > 6 and {f for *_, f in windows} == {True, False}  # random crops, both flips
+
+
+def test_label_map_follows_the_resized_image(tmp_path):
+    images, maps = tmp_path / "images", tmp_path / "maps"
+    # Twice SIZE on the short side: the image is downscaled (antialiased bilinear), the labels by nearest
+    # neighbour. A label is its source column (row) along the crop's free axis, the image's red (green) a
+    # ramp of it, so they must agree to within a source pixel.
+    y, x = np.mgrid[0:2 * SIZE, 0:80]
+    _write_pair(images, maps, "land.png", _position_image(2 * SIZE, 80, 3), x.astype(np.uint8))
+    _write_pair(images, maps, "port.png", _position_image(80, 2 * SIZE, 3), x.T.astype(np.uint8))
+    c = _seg_config(images, maps, flip=True, n_labels=80)
+    for batch in _segmentation_batches(c, 2, seeds=range(3)):
+        for image, seg, crop in zip(batch["image"], batch["segmentation"], batch["crop"]):
+            axis = 0 if crop[3] > crop[2] else 1  # landscape: columns are in red
+            source = _levels(image)[..., axis] / 3
+            assert np.abs(seg - source).max() <= 1.0, np.abs(seg - source).max()
+
+
+def test_nearest_resize_keeps_only_label_values(tmp_path):
+    images, maps = tmp_path / "images", tmp_path / "maps"
+    values = np.array([3, 17, 42, 49], np.uint8)
+    rng = np.random.default_rng(0)
+    for name, (h, w) in {"down.png": (37, 53), "up.png": (12, 10)}.items():
+        _write_pair(images, maps, name, _smooth_image(h, w, 1), rng.choice(values, (h, w)))
+    batches = list(data.eval_iterator(_seg_config(images, maps), batch_size=2, process_index=0, process_count=1))
+    seg = batches[0]["segmentation"]
+    assert batches[0]["mask"].all()
+    assert set(np.unique(seg)) <= set(values) and len(np.unique(seg[0])) > 1
+
+
+def test_unusable_label_maps_are_skipped_and_counted(tmp_path, caplog):
+    images, maps = tmp_path / "images", tmp_path / "maps"
+    good = [_write_pair(images, maps, f"good{i}.png", _constant(SIZE, 20, 20 * i), _constant(SIZE, 20, i, 0))
+            for i in range(6)]
+    out_of_range = _constant(SIZE, 20, 5, 0)
+    out_of_range[-1, -1] = N_LABELS  # in a corner some crops leave out: the whole map is checked
+    bad = {
+        "unreadable": _write_pair(images, maps, "no_map.png", _constant(SIZE, 20, 9), None),
+        "label_out_of_range": _write_pair(images, maps, "range.png", _constant(SIZE, 20, 9), out_of_range),
+        "label_map_size": _write_pair(images, maps, "size.png", _constant(SIZE, 20, 9), _constant(SIZE, 21, 1, 0)),
+        "label_map_not_grey": _write_pair(images, maps, "rgb.png", _constant(SIZE, 20, 9), _constant(SIZE, 20, 1)),
+    }
+    n = len(good) + len(bad)
+    c = _seg_config(images, maps)
+    caplog.set_level("WARNING", logger="vqgan_jax.data.pipeline")
+    it = data.train_iterator(c, global_batch_size=n, process_index=0, process_count=1, with_keys=True)
+    batch = next(it)  # one epoch
+    assert it.skipped == len(bad) and dict(it.skipped_reasons) == {reason: 1 for reason in bad}
+    assert sorted(it.skipped_keys) == sorted(bad.values())
+    # Bad rows were filled with good examples: image, label map and crop window rows moved together.
+    for key, image, seg, crop in zip(batch["key"], batch["image"], batch["segmentation"], batch["crop"]):
+        i = good.index(key.decode())
+        assert (seg == i).all() and np.abs(_levels(image) - 20 * i).max() < 1e-3
+        assert tuple(crop[2:]) == (SIZE, 20)
+    log = caplog.text
+    assert "no_map.png" in log and "does not exist" in log
+    assert str(maps / "range.png") in log and "class >= data.n_labels" in log
+    assert "differs from the image in height or width" in log and "not a single-channel" in log
+
+    ev = data.eval_iterator(c, batch_size=n, process_index=0, process_count=1, with_keys=True)
+    (batch,) = list(ev)
+    assert ev.skipped == len(bad)
+    mask = batch["mask"]
+    assert {k.decode() for k in batch["key"][mask]} == set(good)
+    assert (batch["segmentation"][~mask] == 0).all() and (batch["image"][~mask] == 0).all()
+    assert (batch["crop"][~mask] == 0).all()
+
+
+def test_shift_segmentation_wraps_255_to_0(tmp_path):
+    images, maps = tmp_path / "images", tmp_path / "maps"
+    labels = np.array([[255, 0, 4, 255]] * 4, np.uint8).repeat(SIZE // 4, 0).repeat(SIZE // 4, 1)
+    _write_pair(images, maps, "a.png", _smooth_image(SIZE, SIZE, 0), labels)
+    kw = dict(batch_size=1, process_index=0, process_count=1)
+    ev = data.eval_iterator(_seg_config(images, maps, n_labels=6, shift_segmentation=True), **kw)
+    np.testing.assert_array_equal(next(ev)["segmentation"][0], (labels.astype(int) + 1) % 256)
+    # Unshifted, 255 is out of range for 6 classes.
+    ev = data.eval_iterator(_seg_config(images, maps, n_labels=6), **kw)
+    assert not next(ev)["mask"][0] and ev.skipped_reasons["label_out_of_range"] == 1
+
+
+def test_segmentation_resume_gives_the_same_batches(tmp_path):
+    images, maps = tmp_path / "images", tmp_path / "maps"
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        h, w = 20 + 3 * i, 24 + 2 * i
+        _write_pair(images, maps, f"img{i}.png", _smooth_image(h, w, i), rng.integers(0, N_LABELS, (h, w), np.uint8))
+    _write_pair(images, maps, "img_no_map.png", _smooth_image(20, 20, 9), None)  # exercises the repair
+    c = _seg_config(images, maps, flip=True)
+    kw = dict(global_batch_size=3, seed=5, process_index=0, process_count=1, with_keys=True)
+    full = _take(data.train_iterator(c, **kw), 7)
+    resumed = data.train_iterator(c, start_step=4, **kw)
+    for want in full[4:]:
+        got = next(resumed)
+        assert set(got) == {"image", "segmentation", "crop", "flipped", "key", "index"}
+        for k in got:
+            np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+
+
+def test_crop_is_the_center_window_in_eval(tmp_path):
+    shapes = [(45, 70), (90, 33), (12, 10), (SIZE, SIZE), (21, 20)]
+    paths = [_save(tmp_path / f"{i}.png", _smooth_image(h, w, i)) for i, (h, w) in enumerate(shapes)]
+    for random_crop in (True, False):  # eval ignores random_crop and flip
+        c = _config(path=str(tmp_path), flip=True, random_crop=random_crop)
+        (batch,) = list(data.eval_iterator(c, batch_size=len(paths), process_index=0, process_count=1))
+        assert batch["crop"].dtype == np.int32 and not batch["flipped"].any()
+        for (h, w), crop in zip(shapes, batch["crop"]):
+            scale = SIZE / min(h, w)
+            rh, rw = max(SIZE, round(h * scale)), max(SIZE, round(w * scale))
+            assert tuple(crop) == ((rh - SIZE) // 2, (rw - SIZE) // 2, rh, rw), (h, w)
+    # Training with random_crop off crops the same windows, and its flip is reported.
+    c = _config(path=str(tmp_path), flip=True, random_crop=False)
+    batch = next(data.train_iterator(c, global_batch_size=len(paths), process_index=0, process_count=1,
+                                     with_keys=True))
+    for key, crop in zip(batch["key"], batch["crop"]):
+        h, w = shapes[paths.index(key.decode())]
+        scale = SIZE / min(h, w)
+        rh, rw = max(SIZE, round(h * scale)), max(SIZE, round(w * scale))
+        assert tuple(crop) == ((rh - SIZE) // 2, (rw - SIZE) // 2, rh, rw)
+
+
+def test_segmentation_config_errors(tmp_path):
+    images, maps = tmp_path / "images", tmp_path / "maps"
+    _write_pair(images, maps, "a.png", _smooth_image(SIZE, SIZE, 0), _constant(SIZE, SIZE, 1, 0))
+    kw = dict(global_batch_size=1, process_index=0, process_count=1)
+    with pytest.raises(ValueError, match="segmentation_path .* TFDS dataset data.name='mnist'"):
+        data.train_iterator(_config(name="mnist", data_dir=str(tmp_path), segmentation_path=str(maps),
+                                    n_labels=3), **kw)
+    with pytest.raises(ValueError, match="data.n_labels must be"):
+        data.train_iterator(_config(path=str(images), segmentation_path=str(maps)), **kw)
+    with pytest.raises(ValueError, match="data.n_labels must be"):
+        data.eval_iterator(_seg_config(images, maps, n_labels=300), batch_size=1, process_index=0, process_count=1)
+    with pytest.raises(FileNotFoundError, match="segmentation_path .* does not exist"):
+        data.train_iterator(_seg_config(images, tmp_path / "nowhere"), **kw)
+    other = tmp_path / "other_maps"
+    _save(other / "b.png", _constant(SIZE, SIZE, 1, 0))  # maps of other images only
+    with pytest.raises(FileNotFoundError, match="none of the first 1 images") as error:
+        data.train_iterator(_seg_config(images, other), **kw)
+    assert str(images) in str(error.value) and str(other) in str(error.value)
+    with pytest.raises(ValueError, match="scikit-image"):
+        data.folder.image_root("skimage:")
+
+
+def test_real_sflckr_batches():
+    images, maps = os.path.join(SFLCKR, "images"), os.path.join(SFLCKR, "segmentations")
+    if not (os.path.isdir(images) and os.path.isdir(maps)):
+        pytest.skip(f"no S-FLCKR sample at {SFLCKR}")
+    c = _config(path=images, segmentation_path=maps, n_labels=182, size=256, flip=True)
+    it = data.train_iterator(c, global_batch_size=64, seed=0, process_index=0, process_count=1)
+    for batch in _take(it, 2):
+        assert batch["image"].shape == (64, 256, 256, 3) and batch["image"].dtype == np.float32
+        assert batch["image"].min() >= -1.0 and batch["image"].max() <= 1.0
+        seg = batch["segmentation"]
+        assert seg.shape == (64, 256, 256) and seg.dtype == np.uint8 and seg.max() < 182
+        assert all(len(np.unique(s)) > 1 for s in seg)  # real scenes, not blank placeholders
+        top, left, h, w = batch["crop"].T
+        assert (top >= 0).all() and (left >= 0).all() and (top + 256 <= h).all() and (left + 256 <= w).all()
+        assert np.minimum(h, w).tolist() == [256] * 64
+    assert it.skipped == 0
 
 
 # --- device ----------------------------------------------------------------------------------------------

@@ -53,3 +53,10 @@ def adaptive_weight(rec_grad, gan_grad, disc_weight: float = 1.0):
 def disc_factor(step, disc_start: int, factor: float = 1.0):
     """`factor` from `disc_start` on, 0 before (the original's `adopt_weight`)."""
     return jnp.where(step >= disc_start, factor, 0.0)
+
+
+def bce_with_logits(logits, target):
+    """Mean binary cross-entropy of logits against targets in [0, 1] (PyTorch's
+    binary_cross_entropy_with_logits): the segmentation VQGAN's reconstruction loss."""
+    logits = logits.astype(jnp.float32)
+    return jnp.mean(jnp.maximum(logits, 0) - logits * target + jnp.log1p(jnp.exp(-jnp.abs(logits))))

@@ -1,5 +1,7 @@
 """The `data` config block: its defaults and the checks every pipeline runs before touching files."""
 
+from typing import NamedTuple
+
 import ml_collections
 
 DEFAULTS = dict(
@@ -15,6 +17,11 @@ DEFAULTS = dict(
     flip=False,           # random horizontal flip, training only
     resize_method="bilinear",  # tf.image.resize method, always antialiased
     shuffle_buffer=10_000,     # TFDS only: records (still encoded) in the shuffle buffer
+    # Label maps (the original's SegmentationBase / S-FLCKR): grey PNGs, value = class id. The map of image
+    # <path>/<rel>/<stem>.<ext> is <segmentation_path>/<rel>/<stem>.png; batches then hold "segmentation".
+    segmentation_path=None,    # folder of label maps paired with data.path's images; folder sources only
+    n_labels=0,                # classes in the label maps (S-FLCKR: 182); needed with segmentation_path
+    shift_segmentation=False,  # add 1 to every label first (uint8 wrap: "unlabeled" 255 becomes class 0)
 )
 
 
@@ -47,6 +54,30 @@ def image_size(config) -> int:
     if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
         raise ValueError(f"data.size must be a positive int (the crop size), got {size!r}")
     return size
+
+
+class Segmentation(NamedTuple):
+    path: str         # data.segmentation_path
+    n_labels: int     # a label >= n_labels makes the example invalid
+    shift: bool       # data.shift_segmentation
+
+
+def segmentation(config) -> Segmentation | None:
+    """The label-map settings, or None when data.segmentation_path is unset; ValueError if they are unusable."""
+    path = get(config, "segmentation_path")
+    if not path:
+        return None
+    if source_kind(config) != "folder":
+        raise ValueError(
+            f"data.segmentation_path ({path}) pairs label maps with image files by their path relative to "
+            f"data.path, so it needs data.path to be a folder (or a file list); the TFDS dataset "
+            f"data.name={get(config, 'name')!r} has no such files")
+    n_labels = get(config, "n_labels")
+    # Label maps are 8-bit, so at most 256 classes can be told apart.
+    if not isinstance(n_labels, int) or isinstance(n_labels, bool) or not 0 < n_labels <= 256:
+        raise ValueError(f"data.segmentation_path is set, so data.n_labels must be the number of classes in the "
+                         f"label maps, an int in [1, 256] (the original S-FLCKR setup uses 182); got {n_labels!r}")
+    return Segmentation(str(path), n_labels, bool(get(config, "shift_segmentation")))
 
 
 def local_batch_size(global_batch_size: int, process_count: int) -> int:

@@ -1,12 +1,15 @@
 """Image files from a local folder or a file list (the original's `custom` data): path -> sorted file paths.
 
-Listing never opens an image: unreadable files are found, skipped and counted later by the pipeline.
+Listing never opens an image: unreadable files are found, skipped and counted later by the pipeline. Label
+maps are paired with the images by path (`label_maps`); a missing one is likewise only found later.
 """
 
 import os
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".jpe", ".jfif")
 SKIMAGE = "skimage:"  # the photographs shipped inside scikit-image (the demo's data); "skimage:a.png,b.png" picks
+LABEL_MAP_EXTENSION = ".png"  # the original's pairing: <rel>/<stem>.jpg -> <rel>/<stem>.png
+_CHECKED_HEAD = 16  # entries stat-ed up front to catch a wrong base folder (see read_file_list, label_maps)
 
 
 def _is_remote(path: str) -> bool:
@@ -32,6 +35,11 @@ def _exists(path: str) -> bool:
 
         return tf().io.gfile.exists(path)
     return os.path.exists(path)
+
+
+def exists(path: str) -> bool:
+    """os.path.exists, for remote paths (gs://...) too."""
+    return _exists(path)
 
 
 def _isdir(path: str) -> bool:
@@ -83,7 +91,7 @@ def read_file_list(list_file: str) -> list[str]:
         raise ValueError(f"the image list {list_file} names no images")
     # Checking every entry would mean a million stat calls; a list whose first entries are all missing is a
     # wrong base folder, which we report now rather than as a million skipped files.
-    head = paths[:16]
+    head = paths[:_CHECKED_HEAD]
     if not any(_exists(p) for p in head):
         raise FileNotFoundError(f"none of the first {len(head)} images listed in {list_file} exist (e.g. "
                                 f"{head[0]}); relative paths are resolved against the list file's folder")
@@ -111,3 +119,56 @@ def list_images(path: str) -> list[str]:
                              f"{', '.join(IMAGE_EXTENSIONS)})")
         return files
     return read_file_list(path)
+
+
+def image_root(path: str) -> str:
+    """The folder that data.path's images are paired by: data.path itself, or a file list's own folder.
+
+    ValueError for "skimage:", whose photos have no label maps.
+    """
+    path = os.path.expanduser(str(path))
+    if path.startswith(SKIMAGE):
+        raise ValueError("data.segmentation_path needs data.path to be a folder of images or a file list; the "
+                         "scikit-image photos (data.path='skimage:') have no label maps")
+    return path if _isdir(path) else (os.path.dirname(path) or os.curdir)
+
+
+def relative_path(image: str, root: str) -> str:
+    """image's path below root ("sub/a.jpg"); ValueError if it is not below root."""
+    prefix = root.rstrip("/") + "/"
+    rel = image[len(prefix):] if image.startswith(prefix) else None
+    # Walked folders always take the prefix path; only list entries can need the general (slower) relpath.
+    if (rel is None or ".." in rel.split("/")) and not (_is_remote(image) or _is_remote(root)):
+        rel = os.path.relpath(image, root)
+    if rel is None or rel == ".." or rel.startswith("../") or os.path.isabs(rel):
+        raise ValueError(f"data.segmentation_path pairs each image with a label map by its path relative to {root} "
+                         f"(data.path, or the folder of the file list data.path), but the image {image} is "
+                         f"outside that folder; list only images below the list file's folder")
+    return rel
+
+
+def label_map_path(image: str, root: str, segmentation_root: str) -> str:
+    """<root>/<rel>/<stem>.<ext> -> <segmentation_root>/<rel>/<stem>.png, the original S-FLCKR pairing."""
+    stem, _ = os.path.splitext(relative_path(image, root))
+    return os.path.join(segmentation_root, stem + LABEL_MAP_EXTENSION)
+
+
+def label_maps(path: str, files: list[str], segmentation_root: str) -> list[str]:
+    """data.path, its image files -> the paired label map paths, same order.
+
+    Missing maps are left to the pipeline (each one is an invalid example), except when none of the first
+    few images has one: that is a wrong folder, reported now rather than as a million skipped examples.
+    """
+    root = image_root(path)
+    segmentation_root = os.path.expanduser(str(segmentation_root))
+    if not _exists(segmentation_root):
+        raise FileNotFoundError(f"data.segmentation_path {segmentation_root} does not exist (expected a folder of "
+                                f"label maps paired with the images of {root})")
+    maps = [label_map_path(f, root, segmentation_root) for f in files]
+    head = maps[:_CHECKED_HEAD]
+    if not any(_exists(p) for p in head):
+        raise FileNotFoundError(
+            f"none of the first {len(head)} images under {root} has a label map under {segmentation_root}: "
+            f"e.g. {files[0]} needs {head[0]}. The label map of <data.path>/<rel>/<stem>.<ext> must be "
+            f"<data.segmentation_path>/<rel>/<stem>{LABEL_MAP_EXTENSION}")
+    return maps

@@ -18,6 +18,17 @@ positions of the examples after it. In training batches an invalid example's row
 example of the same batch (the next batch's if none), so batches keep their size and the batch at a step
 depends only on the examples at that step: resuming gives the same batches. `iterator.skipped` counts
 the invalid examples met (a bad file counts again in every epoch that reaches it).
+
+Label maps (data.segmentation_path, folder sources only). Each image file is paired with a label map file
+by relative path; the map is resized (nearest neighbour) and cropped and flipped exactly as its image, and
+batches gain "segmentation": uint8 [B, size, size] class ids. One-hot encoding is left to the model, on the
+device: one-hot maps would multiply the host-to-device traffic by n_labels. An example is invalid, handled
+as an undecodable image, when its label map is missing or unreadable, is not single-channel, differs from
+the image in height or width, or holds a class >= data.n_labels; `skipped_reasons` counts each reason.
+
+Every batch also holds "crop": int32 [B, 4], (top, left, resized height, resized width) of each example's
+window in its resized image before the flip, and "flipped": bool [B], whether that window was mirrored:
+what a coordinate-conditioned model (the original's FacesHQ `coord`) needs to rebuild its positions.
 """
 
 import collections
@@ -35,6 +46,13 @@ log = logging.getLogger(__name__)
 
 _MASK63 = (1 << 63) - 1
 _LOGGED_KEYS = 20  # bad files named in the log and kept in `skipped_keys`; the rest are only counted
+
+# Why a decoded example is invalid: its `problem` (0: it is fine), and the names `skipped_reasons` counts.
+_UNREADABLE, _NOT_GREY, _WRONG_SIZE, _OUT_OF_RANGE = 1, 2, 3, 4
+_PROBLEM_NAMES = {_UNREADABLE: "unreadable", _NOT_GREY: "label_map_not_grey", _WRONG_SIZE: "label_map_size",
+                  _OUT_OF_RANGE: "label_out_of_range"}
+# Per-example fields of a batch as the iterators yield it (valid and problem only serve the repair / mask).
+_OUTPUT_KEYS = ("image", "segmentation", "crop", "flipped")
 
 
 def _derive_seed(seed: int, salt: int) -> int:
@@ -63,25 +81,69 @@ def _options(ds):
     return ds.with_options(options)
 
 
-def _decode_all(ds, size, *, train_random_crop, flip, crop_seed, method, read_files):
-    """{uid, data, key, index} -> {image float32 [size, size, 3], valid bool, key, index}, same order.
+def _blank(size, with_labels):
+    """The fields of an invalid example: zeros, which is what evaluation leaves in its masked rows."""
+    T = tf()
+    out = {"image": T.zeros([size, size, 3], T.float32), "crop": T.zeros([4], T.int32),
+           "flipped": T.constant(False)}
+    if with_labels:
+        out["segmentation"] = T.zeros([size, size], T.uint8)
+    return out
 
-    A file that cannot be read or decoded gives a zero image with valid=False instead of an error.
+
+def _label_problem(labels, image, n_labels):
+    """0 if labels (uint8 [H, W, C]) can go with image (uint8 [H', W', 3]), else its problem code (int32)."""
+    T = tf()
+    label_shape, image_shape = T.shape(labels), T.shape(image)
+    grey = T.equal(label_shape[2], 1)
+    same_size = T.reduce_all(T.equal(label_shape[:2], image_shape[:2]))
+    # Checked on the whole map, not the crop: whether a file is usable must not depend on the crop drawn.
+    in_range = T.reduce_max(T.cast(labels, T.int32)) < n_labels
+    return T.where(~grey, _NOT_GREY, T.where(~same_size, _WRONG_SIZE, T.where(~in_range, _OUT_OF_RANGE, 0)))
+
+
+def _load_labels(path, image, segmentation):
+    """(labels uint8 [H, W, 1], problem int32): the label map of `image`, or zeros when it cannot be used."""
+    T = tf()
+    labels = preprocess.decode_labels(T.io.read_file(path))
+    if segmentation.shift:
+        labels = preprocess.shift_labels(labels)
+    problem = _label_problem(labels, image, segmentation.n_labels)
+    # An unusable map is swapped for zeros of the image's shape so that the example still runs through the
+    # same ops (its fields are blanked afterwards).
+    image_shape = T.shape(image)
+    labels = T.cond(T.equal(problem, 0), lambda: labels[..., :1],
+                    lambda: T.zeros(T.stack([image_shape[0], image_shape[1], 1]), T.uint8))
+    return labels, problem
+
+
+def _decode_all(ds, size, *, train_random_crop, flip, crop_seed, method, read_files, segmentation=None):
+    """{uid, data, key, index[, labels]} -> {image float32 [size, size, 3], crop int32 [4], flipped bool,
+    [segmentation uint8 [size, size],] valid bool, problem int32, key, index}, same order.
+
+    segmentation: a cfg.Segmentation; then `labels` holds each example's label map path. A file that cannot
+    be read or decoded, or an unusable label map, gives zeros with valid=False instead of an error.
     """
     T = tf()
+    with_labels = segmentation is not None
 
     def load(el):
-        data = T.io.read_file(el["data"]) if read_files else el["data"]
+        image = preprocess.decode(T.io.read_file(el["data"]) if read_files else el["data"])
+        labels, problem = None, T.constant(0, T.int32)
+        if with_labels:
+            labels, problem = _load_labels(el["labels"], image, segmentation)
         seed = preprocess.example_seed(crop_seed, el["uid"])
-        image = preprocess.preprocess(data, size, random_crop=train_random_crop, flip=flip, seed=seed,
-                                      method=method)
-        return {"image": image, "valid": T.constant(True), "key": el["key"], "index": el["index"]}
+        out = preprocess.crop_example(image, size, labels=labels, random_crop=train_random_crop, flip=flip,
+                                      seed=seed, method=method)
+        ok = T.equal(problem, 0)
+        out = T.cond(ok, lambda: out, lambda: _blank(size, with_labels))
+        return {**out, "valid": ok, "problem": problem, "key": el["key"], "index": el["index"]}
 
     def one(el):
         # ignore_errors inside a one-element dataset turns the error into "no element", and the
         # placeholder then takes its place; the outer stream keeps exactly one element per input.
-        placeholder = {"image": T.zeros([size, size, 3], T.float32), "valid": T.constant(False),
-                       "key": el["key"], "index": el["index"]}
+        placeholder = {**_blank(size, with_labels), "valid": T.constant(False),
+                       "problem": T.constant(_UNREADABLE, T.int32), "key": el["key"], "index": el["index"]}
         attempt = T.data.Dataset.from_tensors(el).map(graph_fn(load)).ignore_errors()
         return attempt.concatenate(T.data.Dataset.from_tensors(placeholder)).take(1)
 
@@ -100,12 +162,17 @@ class _Source:
 
 
 class _FolderSource(_Source):
-    def __init__(self, path):
+    def __init__(self, path, segmentation=None):
         self.files = folder_source.list_images(path)
+        # label_maps[i] is the label map of files[i]; None without data.segmentation_path.
+        self.label_maps = None
+        if segmentation is not None:
+            self.label_maps = folder_source.label_maps(path, self.files, segmentation.path)
         super().__init__("folder", str(path), True, len(self.files))
 
     def train_stream(self, seed, start, process_index, process_count, shuffle_buffer, split):
-        """(stream of {uid, data: path, key, index} from host position `start`, images per host per epoch)."""
+        """(stream of {uid, data: path, key, index[, labels: path]} from host position `start`, images per
+        host per epoch)."""
         del shuffle_buffer, split  # a folder has one split, and its order needs no buffer
         T = tf()
         n = len(self.files)
@@ -113,6 +180,7 @@ class _FolderSource(_Source):
         if per_host == 0:
             raise ValueError(f"{n} images in {self.description} cannot be shared by {process_count} processes")
         files = T.constant(self.files)
+        label_maps = None if self.label_maps is None else T.constant(self.label_maps)
         order_seed = _derive_seed(seed, 1)
 
         def locate(j):
@@ -121,7 +189,10 @@ class _FolderSource(_Source):
             index = T.random.experimental.index_shuffle(slot, seed=T.stack([T.constant(order_seed, T.int64), epoch]),
                                                         max_index=T.constant(n - 1, T.int64))
             path = T.gather(files, index)
-            return {"uid": j * process_count + process_index, "data": path, "key": path, "index": index}
+            el = {"uid": j * process_count + process_index, "data": path, "key": path, "index": index}
+            if label_maps is not None:
+                el["labels"] = T.gather(label_maps, index)
+            return el
 
         stream = T.data.Dataset.range(start, 1 << 62).map(graph_fn(locate), num_parallel_calls=T.data.AUTOTUNE)
         return stream, per_host
@@ -134,8 +205,10 @@ class _FolderSource(_Source):
         if not paths:
             return None, counts
         indices = indices.astype(np.int64)  # doubles as uid: evaluation draws no random numbers
-        ds = T.data.Dataset.from_tensor_slices({"data": paths, "key": paths, "index": indices, "uid": indices})
-        return ds, counts
+        elements = {"data": paths, "key": paths, "index": indices, "uid": indices}
+        if self.label_maps is not None:
+            elements["labels"] = [self.label_maps[i] for i in indices]
+        return T.data.Dataset.from_tensor_slices(elements), counts
 
 
 class _TFDSSource(_Source):
@@ -185,18 +258,19 @@ class _TFDSSource(_Source):
         return ds, counts
 
 
-def _open(config, eval_path=False):
+def _open(config, segmentation, eval_path=False):
     kind = cfg.source_kind(config)
     if kind == "folder":
         path = cfg.get(config, "path")
         if eval_path and cfg.get(config, "eval_path"):
+            # Its label maps are looked up under the same segmentation_path, by path relative to eval_path.
             path = cfg.get(config, "eval_path")
-        return _FolderSource(path)
+        return _FolderSource(path, segmentation)
     return _TFDSSource(cfg.get(config, "name"), cfg.get(config, "data_dir"), cfg.get(config, "image_key"))
 
 
 class _Iterator:
-    """Shared bookkeeping: the skipped-file count the training loop logs."""
+    """Shared bookkeeping: the skipped-file count the training loop logs, and the batch fields yielded."""
 
     def __init__(self, source, local_batch_size, process_index, process_count, with_keys):
         self.source = source.description
@@ -205,25 +279,46 @@ class _Iterator:
         self.process_index = process_index
         self.process_count = process_count
         self.with_keys = with_keys
-        self.skipped = 0         # undecodable examples met so far by this iterator
+        self.files = getattr(source, "files", None)
+        self.label_maps = getattr(source, "label_maps", None)  # label_maps[i] goes with files[i]
+        self.skipped = 0         # invalid examples met so far by this iterator
         self.skipped_keys = []   # the first few of them: file paths, or TFDS ids
+        self.skipped_reasons = collections.Counter()  # "unreadable", "label_out_of_range", ...: counts
 
-    def _record_skips(self, keys) -> None:
-        for key in keys:
+    def _describe(self, key, index, problem) -> str:
+        """The log line of one skipped example."""
+        if self.label_maps is None:
+            return f"skipping an image that cannot be read or decoded: {key}"
+        label_map = self.label_maps[index]
+        if problem == _UNREADABLE:
+            # Only logged examples get this stat call, so its cost is bounded.
+            if not folder_source.exists(label_map):
+                return f"skipping {key}: its label map {label_map} does not exist"
+            return f"skipping {key}: the image or its label map {label_map} cannot be read or decoded"
+        if problem == _NOT_GREY:
+            return f"skipping {key}: its label map {label_map} is not a single-channel (grey) image"
+        if problem == _WRONG_SIZE:
+            return f"skipping {key}: its label map {label_map} differs from the image in height or width"
+        return f"skipping {key}: its label map {label_map} holds a class >= data.n_labels"
+
+    def _record_skips(self, batch, invalid) -> None:
+        """Counts the examples of `batch` marked by the bool mask `invalid`, logging the first few."""
+        for key, index, problem in zip(batch["key"][invalid], batch["index"][invalid], batch["problem"][invalid]):
             self.skipped += 1
+            self.skipped_reasons[_PROBLEM_NAMES[int(problem)]] += 1
             key = key.decode("utf-8", "replace") if isinstance(key, bytes) else str(key)
             if len(self.skipped_keys) < _LOGGED_KEYS:
                 self.skipped_keys.append(key)
-                log.warning("skipping an image that cannot be read or decoded: %s", key)
+                log.warning("%s", self._describe(key, int(index), int(problem)))
                 if len(self.skipped_keys) == _LOGGED_KEYS:
-                    log.warning("further undecodable images are only counted (iterator.skipped)")
+                    log.warning("further invalid examples are only counted (iterator.skipped)")
 
     @property
     def stats(self) -> dict:
         return {"skipped": self.skipped}
 
-    def _output(self, batch, image):
-        out = {"image": image}
+    def _output(self, batch):
+        out = {k: batch[k] for k in _OUTPUT_KEYS if k in batch}
         if self.with_keys:
             out["key"], out["index"] = batch["key"], batch["index"]
         return out
@@ -233,14 +328,17 @@ class _Iterator:
 
 
 class TrainIterator(_Iterator):
-    """Infinite iterator of {"image": float32 [local_batch_size, size, size, 3] in [-1, 1]}.
+    """Infinite iterator of {"image": float32 [local_batch_size, size, size, 3] in [-1, 1], "crop": int32
+    [local_batch_size, 4], "flipped": bool [local_batch_size]}, plus "segmentation": uint8
+    [local_batch_size, size, size] with data.segmentation_path (see the module docstring).
 
     With with_keys=True batches also hold "key" (bytes [B_local]: file path or TFDS id) and "index"
     (int64 [B_local]: the file's index in `files` for folders, -1 for TFDS), to check sharding and order;
     prefetch_to_device leaves those on the host.
 
-    Attributes: step (the step of the next batch), skipped, skipped_keys, stats, num_examples,
-    examples_per_epoch (over all hosts), local_batch_size, and files (folder sources).
+    Attributes: step (the step of the next batch), skipped, skipped_keys, skipped_reasons, stats,
+    num_examples, examples_per_epoch (over all hosts), local_batch_size, and files and label_maps (folder
+    sources; label_maps is None without data.segmentation_path).
     """
 
     def __init__(self, ds, source, *, local_batch_size, start_step, per_host, process_index, process_count,
@@ -248,7 +346,6 @@ class TrainIterator(_Iterator):
         super().__init__(source, local_batch_size, process_index, process_count, with_keys)
         self.step = start_step
         self.examples_per_epoch = per_host * process_count
-        self.files = getattr(source, "files", None)
         self._per_host = per_host
         self._batches = ds.as_numpy_iterator()
         self._ahead = collections.deque()  # batches read early to repair an all-bad batch
@@ -264,10 +361,11 @@ class TrainIterator(_Iterator):
             yield batch
 
     def _repair(self, batch):
-        """Fills the rows of undecodable examples with decodable ones; counts the skips."""
+        """Fills the rows of invalid examples with valid ones, every field together; counts the skips."""
         valid = batch["valid"]
-        self._record_skips(batch["key"][~valid])
-        donors = {k: batch[k][valid] for k in ("image", "key", "index")}
+        self._record_skips(batch, ~valid)
+        rows = [k for k in batch if k not in ("valid", "problem")]
+        donors = {k: batch[k][valid] for k in rows}
         if not valid.any():
             # Files come in random order, so a long run of failures means (nearly) all files are bad; the
             # limit also bounds the batches held in _ahead.
@@ -275,7 +373,7 @@ class TrainIterator(_Iterator):
             seen = len(valid)
             for later in self._lookahead():
                 if later["valid"].any():
-                    donors = {k: later[k][later["valid"]] for k in ("image", "key", "index")}
+                    donors = {k: later[k][later["valid"]] for k in rows}
                     break
                 seen += len(later["valid"])
                 if seen >= limit:
@@ -283,7 +381,7 @@ class TrainIterator(_Iterator):
                                        f"examples; first failures: {self.skipped_keys[:5]}")
         bad = np.flatnonzero(~valid)
         pick = np.arange(len(bad)) % len(donors["image"])
-        batch = {k: np.array(batch[k]) for k in ("image", "key", "index")}
+        batch = {k: np.array(batch[k]) for k in rows}
         for k in batch:
             batch[k][bad] = donors[k][pick]
         return batch
@@ -293,7 +391,7 @@ class TrainIterator(_Iterator):
         if not batch["valid"].all():
             batch = self._repair(batch)
         self.step += 1
-        return self._output(batch, batch["image"])
+        return self._output(batch)
 
     @property
     def stats(self) -> dict:
@@ -301,12 +399,14 @@ class TrainIterator(_Iterator):
 
 
 class EvalIterator(_Iterator):
-    """One pass over the evaluation data: {"image": float32 [B_local, size, size, 3], "mask": bool [B_local]}.
+    """One pass over the evaluation data: {"image": float32 [B_local, size, size, 3], "crop": int32
+    [B_local, 4], "flipped": bool [B_local] (all False), "mask": bool [B_local]}, plus "segmentation": uint8
+    [B_local, size, size] with data.segmentation_path.
 
     Every batch has the full local size. `mask` is False for padding (the last batch, and on hosts with
     fewer examples whole trailing batches, so that all hosts yield `len(iterator)` batches) and for
-    undecodable images; those rows are zeros and must be left out of metrics. `skipped` counts the
-    undecodable ones.
+    invalid examples (undecodable images, unusable label maps); those rows are zeros and must be left out
+    of metrics. `skipped` counts the invalid ones.
     """
 
     def __init__(self, ds, source, *, local_batch_size, num_batches, size, process_index, process_count,
@@ -320,27 +420,32 @@ class EvalIterator(_Iterator):
     def __len__(self):
         return self.num_batches
 
+    def _padding(self):
+        """A batch of local_batch_size rows that are all padding: zeros, valid False."""
+        b, s = self.local_batch_size, self.size
+        rows = {"image": np.zeros((b, s, s, 3), np.float32), "crop": np.zeros((b, 4), np.int32),
+                "flipped": np.zeros((b,), bool), "valid": np.zeros((b,), bool),
+                "key": np.full((b,), b"", object), "index": np.full((b,), -1, np.int64)}
+        if self.label_maps is not None:
+            rows["segmentation"] = np.zeros((b, s, s), np.uint8)
+        return rows
+
     def __next__(self):
         if self._done >= self.num_batches:
             raise StopIteration
         self._done += 1
-        b, s = self.local_batch_size, self.size
         batch = next(self._batches, None)
         n = 0 if batch is None else len(batch["valid"])
         if batch is not None and not batch["valid"].all():
-            self._record_skips(batch["key"][~batch["valid"]])
-        if n == b:
-            image, mask = batch["image"], batch["valid"]
+            self._record_skips(batch, ~batch["valid"])
+        if n == self.local_batch_size:
             full = batch
         else:
-            image = np.zeros((b, s, s, 3), np.float32)
-            mask = np.zeros((b,), bool)
-            full = {"key": np.full((b,), b"", object), "index": np.full((b,), -1, np.int64)}
-            if n:
-                image[:n], mask[:n] = batch["image"], batch["valid"]
-                full["key"][:n], full["index"][:n] = batch["key"], batch["index"]
-        out = self._output(full, image)
-        out["mask"] = mask
+            full = self._padding()
+            for k in full if batch is not None else ():
+                full[k][:n] = batch[k]
+        out = self._output(full)
+        out["mask"] = full["valid"]
         return out
 
 
@@ -349,8 +454,9 @@ def train_iterator(config, global_batch_size: int, seed: int = 0, start_step: in
                    with_keys: bool = False) -> TrainIterator:
     """The training stream for `config` (the `data` ConfigDict), from batch `start_step` on.
 
-    Yields {"image": float32 [global_batch_size // process_count, size, size, 3] in [-1, 1]} forever:
-    random crop (or center crop if data.random_crop is False) and optional flip. The batches are a
+    Yields {"image": float32 [global_batch_size // process_count, size, size, 3] in [-1, 1], "crop",
+    "flipped"[, "segmentation"]} forever (see TrainIterator): random crop (or center crop if
+    data.random_crop is False) and optional flip. The batches are a
     function of (config, seed, process_index, process_count, step) alone: start_step=k yields what an
     iterator started at 0 yields from its k-th batch on. process_index / process_count default to JAX's.
     """
@@ -362,14 +468,15 @@ def train_iterator(config, global_batch_size: int, seed: int = 0, start_step: in
     method = cfg.get(config, "resize_method")
     if method not in preprocess.RESIZE_METHODS:
         raise ValueError(f"data.resize_method {method!r} is not one of {preprocess.RESIZE_METHODS}")
-    source = _open(config)
+    segmentation = cfg.segmentation(config)
+    source = _open(config, segmentation)
     T = tf()
     start = start_step * local
     stream, per_host = source.train_stream(seed, start, process_index, process_count,
                                            cfg.get(config, "shuffle_buffer"), cfg.get(config, "split"))
     ds = _decode_all(stream, size, train_random_crop=bool(cfg.get(config, "random_crop")),
                      flip=bool(cfg.get(config, "flip")), crop_seed=_derive_seed(seed, 2), method=method,
-                     read_files=source.read_files)
+                     read_files=source.read_files, segmentation=segmentation)
     ds = _options(ds.batch(local, drop_remainder=True).prefetch(T.data.AUTOTUNE))
     return TrainIterator(ds, source, local_batch_size=local, start_step=start_step, per_host=per_host,
                          process_index=process_index, process_count=process_count, with_keys=with_keys)
@@ -382,13 +489,15 @@ def eval_iterator(config, batch_size: int, split: str | None = None, *, process_
     batch_size is global, like train_iterator's: each host yields batch_size // process_count rows per
     batch, padded at the end and marked by "mask" (see EvalIterator). TFDS reads `split` (default
     data.eval_split); folder sources read data.eval_path, or data.path when that is unset, and ignore
-    `split`.
+    `split`. With data.eval_path, label maps are looked up under data.segmentation_path by the image's path
+    relative to data.eval_path.
     """
     size = cfg.image_size(config)
     process_index, process_count = _process(process_index, process_count)
     local = cfg.local_batch_size(batch_size, process_count)
     method = cfg.get(config, "resize_method")
-    source = _open(config, eval_path=True)
+    segmentation = cfg.segmentation(config)
+    source = _open(config, segmentation, eval_path=True)
     T = tf()
     if source.kind == "folder":
         stream, counts = source.eval_stream(process_index, process_count)
@@ -398,7 +507,7 @@ def eval_iterator(config, batch_size: int, split: str | None = None, *, process_
     ds = None
     if stream is not None:
         ds = _decode_all(stream, size, train_random_crop=False, flip=False, crop_seed=0, method=method,
-                         read_files=source.read_files)
+                         read_files=source.read_files, segmentation=segmentation)
         ds = _options(ds.batch(local).prefetch(T.data.AUTOTUNE))
     return EvalIterator(ds, source, local_batch_size=local, num_batches=num_batches, size=size,
                         process_index=process_index, process_count=process_count, with_keys=with_keys)

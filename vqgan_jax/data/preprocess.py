@@ -6,6 +6,10 @@ The original (taming/data/base.py) does: PIL open -> convert("RGB") -> resize so
 downscaling) and round back to uint8 levels as the original's uint8 resize does, so the values the model
 sees are the original's k / 127.5 - 1 grid. The horizontal flip is our addition (off by default).
 
+Label maps (the original's SegmentationBase) are resized to the image's resized shape with nearest neighbour,
+so every value stays a class id, then take the image's crop and flip. `crop_example` also reports the crop
+window, which is what the original's coordinate conditioning (FacesHQ `coord`) crops with the image.
+
 All functions take and return tensors and work both eagerly and inside `tf.data` maps.
 """
 
@@ -24,6 +28,24 @@ def decode(encoded):
     image = T.io.decode_image(encoded, channels=3, dtype=T.uint8, expand_animations=False)
     image.set_shape([None, None, 3])
     return image
+
+
+def decode_labels(encoded):
+    """encoded label map (grey PNG, value = class id) -> uint8 [H, W, C] as stored.
+
+    The channels are kept rather than converted, so that a colour or palette map shows up as C != 1 (the
+    caller rejects it) instead of becoming luminance values that look like class ids.
+    """
+    T = tf()
+    labels = T.io.decode_image(encoded, channels=0, dtype=T.uint8, expand_animations=False)
+    labels.set_shape([None, None, None])
+    return labels
+
+
+def shift_labels(labels):
+    """uint8 labels + 1 with uint8 wrap-around: the original's shift_segmentation, which makes 255 -> 0."""
+    T = tf()
+    return T.cast((T.cast(labels, T.int32) + 1) % 256, T.uint8)
 
 
 def smaller_side_shape(height, width, size):
@@ -52,6 +74,21 @@ def resize_smaller_side(image, size, method="bilinear"):
                   lambda: T.image.resize(image, T.stack([new_h, new_w]), method=method, antialias=True))
 
 
+def resize_labels_smaller_side(labels, size):
+    """labels: uint8 [H, W, 1] -> uint8 [H', W', 1] of the shape resize_smaller_side gives an H x W image.
+
+    Nearest neighbour, never antialiased: a blend of two class ids is not a class id. TF samples at pixel
+    centres, as the image's bilinear resize does, so map and image stay aligned; the original's cv2
+    INTER_NEAREST takes each output cell's top-left source pixel instead, up to half an output pixel off.
+    """
+    T = tf()
+    shape = T.shape(labels)
+    new_h, new_w = smaller_side_shape(shape[0], shape[1], size)
+    unchanged = T.logical_and(T.equal(new_h, shape[0]), T.equal(new_w, shape[1]))
+    return T.cond(unchanged, lambda: labels,
+                  lambda: T.image.resize(labels, T.stack([new_h, new_w]), method="nearest"))
+
+
 def center_crop_offsets(height, width, size):
     """(top, left) of the central size x size window; rounds down, as albumentations.CenterCrop."""
     return (height - size) // 2, (width - size) // 2
@@ -73,11 +110,21 @@ def crop(image, size, top, left):
     return T.ensure_shape(out, [size, size, image.shape[-1]])
 
 
+def flip_decision(seed):
+    """bool scalar, True with probability 1/2, from a stateless seed (int64 [2])."""
+    T = tf()
+    return T.random.stateless_uniform([], seed=seed) < 0.5
+
+
+def flip_if(image, flipped):
+    """Mirrors image [H, W, C] left-right when the bool scalar `flipped` is True."""
+    T = tf()
+    return T.cond(flipped, lambda: T.reverse(image, axis=[1]), lambda: image)
+
+
 def random_flip(image, seed):
     """Mirrors image [H, W, C] left-right with probability 1/2, decided by a stateless seed (int64 [2])."""
-    T = tf()
-    flip = T.random.stateless_uniform([], seed=seed) < 0.5
-    return T.cond(flip, lambda: T.reverse(image, axis=[1]), lambda: image)
+    return flip_if(image, flip_decision(seed))
 
 
 def to_model_range(image):
@@ -97,6 +144,50 @@ def example_seed(seed, uid):
     return T.stack([T.cast(seed, T.int64), T.cast(uid, T.int64)])
 
 
+def crop_window(height, width, size, *, random_crop=False, flip=False, seed=None):
+    """(top, left, flipped) for a resized height x width image: its crop, and whether the crop is mirrored.
+
+    seed: int64 [2] stateless seed (see `example_seed`); needed when random_crop or flip. Crop and flip use
+    separate streams split from it, so turning the flip on does not move the crops.
+    """
+    T = tf()
+    if random_crop or flip:
+        if seed is None:
+            raise ValueError("random_crop and flip need a seed")
+        crop_seed, flip_seed = T.unstack(T.random.experimental.stateless_split(seed, num=2))
+    if random_crop:
+        top, left = random_crop_offsets(height, width, size, crop_seed)
+    else:
+        top, left = center_crop_offsets(height, width, size)
+    flipped = flip_decision(flip_seed) if flip else T.constant(False)
+    return top, left, flipped
+
+
+def crop_example(image, size, *, labels=None, random_crop=False, flip=False, seed=None, method="bilinear"):
+    """A decoded image (uint8 [H, W, 3]) and optionally its label map (uint8 [H, W, 1]) -> one example:
+
+      image         float32 [size, size, 3] in [-1, 1]
+      crop          int32 [4]: (top, left, resized height, resized width), the window in the resized image
+                    before any flip
+      flipped       bool []: the crop was mirrored left-right
+      segmentation  uint8 [size, size] class ids, with `labels` only: the same window and flip
+
+    The label map must have the image's height and width (the caller checks).
+    """
+    if method not in RESIZE_METHODS:
+        raise ValueError(f"unknown resize method {method!r}; choose one of {RESIZE_METHODS}")
+    T = tf()
+    image = resize_smaller_side(image, size, method)
+    shape = T.shape(image)
+    top, left, flipped = crop_window(shape[0], shape[1], size, random_crop=random_crop, flip=flip, seed=seed)
+    out = {"image": to_model_range(flip_if(crop(image, size, top, left), flipped)),
+           "crop": T.stack([top, left, shape[0], shape[1]]), "flipped": flipped}
+    if labels is not None:
+        labels = crop(resize_labels_smaller_side(labels, size), size, top, left)
+        out["segmentation"] = flip_if(labels, flipped)[..., 0]
+    return out
+
+
 def preprocess(encoded, size, *, random_crop=False, flip=False, seed=None, method="bilinear"):
     """encoded image bytes -> float32 [size, size, 3] in [-1, 1].
 
@@ -104,21 +195,8 @@ def preprocess(encoded, size, *, random_crop=False, flip=False, seed=None, metho
     """
     if method not in RESIZE_METHODS:
         raise ValueError(f"unknown resize method {method!r}; choose one of {RESIZE_METHODS}")
-    T = tf()
-    image = resize_smaller_side(decode(encoded), size, method)
-    shape = T.shape(image)
-    if random_crop or flip:
-        if seed is None:
-            raise ValueError("random_crop and flip need a seed")
-        crop_seed, flip_seed = T.unstack(T.random.experimental.stateless_split(seed, num=2))
-    if random_crop:
-        top, left = random_crop_offsets(shape[0], shape[1], size, crop_seed)
-    else:
-        top, left = center_crop_offsets(shape[0], shape[1], size)
-    image = crop(image, size, top, left)
-    if flip:
-        image = random_flip(image, flip_seed)
-    return to_model_range(image)
+    return crop_example(decode(encoded), size, random_crop=random_crop, flip=flip, seed=seed,
+                        method=method)["image"]
 
 
 def load_image(path, size, method="bilinear"):

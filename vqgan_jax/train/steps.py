@@ -20,9 +20,20 @@ from vqgan_jax.train.state import Models, TrainState, learning_rate
 
 def phase(step: int, loss_config) -> tuple[bool, bool]:
     """(GAN term in the generator loss, discriminator trained) at `step`, decided on the host so that
-    steps before `disc_start` compile without the discriminator at all."""
+    steps before `disc_start` compile without the discriminator at all. The segmentation VQGAN has no
+    discriminator."""
+    if loss_config.kind == "segmentation":
+        return False, False
     active = step >= loss_config.disc_start
     return active, active or loss_config.disc_train_from_start
+
+
+def model_input(config, batch):
+    """The autoencoder's input: batch["image"] [B, H, W, C] in [-1, 1], or, for the segmentation VQGAN
+    (config.image_key "segmentation"), batch["segmentation"] int [B, H, W] one-hot over in_channels labels."""
+    if config.image_key == "segmentation":
+        return jax.nn.one_hot(batch["segmentation"], config.model.in_channels, dtype=jnp.float32)
+    return batch[config.image_key]
 
 
 def make_train_step(models: Models, config, gan_in_generator: bool, train_disc: bool) -> Callable:
@@ -38,7 +49,7 @@ def make_train_step(models: Models, config, gan_in_generator: bool, train_disc: 
         return logits, updates["batch_stats"]
 
     def step(state: TrainState, batch, lpips_params):
-        x = batch["image"]
+        x = model_input(config, batch)
         rng = jax.random.fold_in(state.rng, state.step)
 
         def autoencode(params):
@@ -49,6 +60,8 @@ def make_train_step(models: Models, config, gan_in_generator: bool, train_disc: 
         (x_rec, q_loss), vjp_fn, q = jax.vjp(autoencode, state.gen_params, has_aux=True)
 
         def rec_loss(x_rec):
+            if lc.kind == "segmentation":
+                return losses.bce_with_logits(x_rec, x), jnp.zeros((), jnp.float32)
             d = models.lpips.apply({"params": lpips_params}, x, x_rec)
             nll = losses.reconstruction_loss(x, x_rec, d, lc.perceptual_weight, lc.pixelloss_weight, lc.pixel_loss)
             return nll, jnp.mean(d)
@@ -74,6 +87,9 @@ def make_train_step(models: Models, config, gan_in_generator: bool, train_disc: 
             "codebook_usage": q.usage, "perplexity": q.perplexity, "psnr": jnp.mean(psnr(x, x_rec)),
             "learning_rate": schedule(state.step),
         }
+        if lc.kind == "segmentation":  # x_rec holds logits: accuracy of the argmax label, not PSNR
+            del metrics["psnr"], metrics["rec_loss"], metrics["p_loss"]
+            metrics["pixel_accuracy"] = jnp.mean(jnp.argmax(x_rec, -1) == jnp.argmax(x, -1))
 
         disc_params, disc_opt_state, batch_stats = state.disc_params, state.disc_opt_state, state.disc_batch_stats
         if train_disc:

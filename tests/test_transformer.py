@@ -1,0 +1,284 @@
+"""Second stage: sequence construction and corruptions, conditioning tokens, AdamW's decay mask, gradient
+accumulation, fsdp sharding, the code cache, and the training loop (resume, loss going down)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vqgan_jax import net2net
+from vqgan_jax.data.codes import CodeCache, CodeWriter, code_batches, code_eval_batches
+from vqgan_jax.models import GPT
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+from gpt_step_worker import tiny_batch, tiny_config  # noqa: E402
+
+GPT_TINY = GPT(vocab_size=32, block_size=24, n_layer=1, n_head=2, n_embd=16)
+
+
+@pytest.fixture(scope="module")
+def gpt_params():
+    return GPT_TINY.init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))["params"]
+
+
+def test_sequence_logits_align_each_code_with_its_prediction(gpt_params):
+    codes = jax.random.randint(jax.random.PRNGKey(1), (2, 12), 0, 32)
+    cond = jnp.array([[3, 4, 5], [6, 7, 8]])
+    logits, targets = net2net.sequence_logits(GPT_TINY, gpt_params, codes, cond, jax.random.PRNGKey(2))
+    full = GPT_TINY.apply({"params": gpt_params}, jnp.concatenate([cond, codes], 1))
+    # The logits for code i come from the position just before it: the condition's last token for i = 0.
+    np.testing.assert_allclose(logits, full[:, 2:-1], atol=1e-6)
+    np.testing.assert_array_equal(targets, codes)
+    assert logits.shape == (2, 12, 32)
+
+
+def test_pkeep_corrupts_inputs_not_targets_and_cond_drop_uses_the_null_token(gpt_params):
+    codes = jnp.zeros((64, 12), jnp.int32) + 5
+    cond = jnp.full((64, 3), 7)
+    seen = {}
+
+    def spy(variables, sequence, **kwargs):
+        seen["sequence"] = sequence
+        return GPT_TINY.apply(variables, sequence, **kwargs)
+
+    class Spy:
+        vocab_size = GPT_TINY.vocab_size
+        apply = staticmethod(spy)
+
+    _, targets = net2net.sequence_logits(Spy, gpt_params, codes, cond, jax.random.PRNGKey(3), pkeep=0.5,
+                                         cond_drop=0.5, train=True)
+    np.testing.assert_array_equal(targets, codes)
+    images = np.asarray(seen["sequence"][:, 3:])
+    conds = np.asarray(seen["sequence"][:, :3])
+    kept = np.mean(images == 5)
+    assert 0.4 < kept < 0.65  # 0.5 kept + random tokens that happen to be 5
+    dropped = np.all(conds == net2net.null_token(GPT_TINY), axis=1)
+    assert np.all(dropped | np.all(conds == 7, axis=1))  # whole conditions are dropped, never parts
+    assert 10 < dropped.sum() < 54
+    _, _ = net2net.sequence_logits(Spy, gpt_params, codes, cond, jax.random.PRNGKey(3), pkeep=0.5,
+                                   cond_drop=0.5, train=False)
+    np.testing.assert_array_equal(seen["sequence"][:, 3:], 5)  # no corruption outside training
+
+
+def test_coord_tokens_match_the_original_coord_stage():
+    # The original: coord = arange(H*W).reshape(H, W) / (H*W) over the resized image, cropped, then
+    # interpolate(mode="area") by 1/down_factor, clamp to [0, 1], round(n_embed * c).
+    height, width, size, down, n = 40, 56, 32, 8, 1024
+    crops = np.array([[0, 0, height, width], [8, 24, height, width], [5, 3, height, width]])
+    tokens = np.asarray(net2net.coord_tokens(crops, size, n, down))
+    grid = np.arange(height * width).reshape(height, width) / (height * width)
+    for crop, got in zip(crops, tokens):
+        window = grid[crop[0]:crop[0] + size, crop[1]:crop[1] + size]
+        pooled = window.reshape(size // down, down, size // down, down).mean(axis=(1, 3))
+        np.testing.assert_array_equal(got, np.round(n * np.clip(pooled, 0, 1)).reshape(-1))
+    with pytest.raises(ValueError, match="not a multiple of down_factor"):
+        net2net.coord_tokens(crops, 30, n, down)
+
+
+def test_weight_decay_applies_to_linear_kernels_only(gpt_params):
+    from vqgan_jax.train.transformer import decay_mask
+
+    flags = {"/".join(k.key for k in path): v
+             for path, v in jax.tree_util.tree_flatten_with_path(decay_mask(gpt_params))[0]}
+    assert flags["blocks_0/mlp_0/kernel"] and flags["head/kernel"] and flags["blocks_0/attn/key/kernel"]
+    assert not any(flags[k] for k in ("tok_emb/embedding", "pos_emb", "blocks_0/ln1/scale", "blocks_0/mlp_0/bias"))
+
+
+def test_gradient_accumulation_equals_the_full_batch_update():
+    from vqgan_jax.train.sharding import make_mesh
+    from vqgan_jax.train.transformer import build_gpt, create_state, make_train_step, optimizer
+
+    results = []
+    for accum in (1, 4):
+        config = tiny_config()
+        config.mesh = [("data", 1), ("fsdp", 1)]
+        config.optim.grad_accum = accum
+        gpt, tx = build_gpt(config), optimizer(config)
+        state, _ = create_state(gpt, tx, config, make_mesh(config.mesh, jax.devices()[:1]), jax.random.PRNGKey(0))
+        results.append(jax.jit(make_train_step(gpt, tx, config))(state, tiny_batch(config)))
+    (s1, m1), (s4, m4) = results
+    np.testing.assert_allclose(m4["loss"], m1["loss"], rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(s1.opt_state), jax.tree.leaves(s4.opt_state)):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-7)
+
+
+def test_gpt_split_over_four_devices_equals_one_device(tmp_path):
+    """fsdp=4: kernels, embeddings and their Adam moments in 4 pieces; same loss and update as 1 device."""
+    worker = os.path.join(ROOT, "tests", "gpt_step_worker.py")
+    procs = {}
+    for n in (1, 4):
+        env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
+                   XLA_FLAGS=f"--xla_force_host_platform_device_count={n}")
+        procs[n] = subprocess.Popen([sys.executable, worker, str(tmp_path / f"{n}.npz")], env=env, cwd=ROOT,
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for proc in procs.values():
+        out, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0, out[-4000:]
+    one, four = np.load(tmp_path / "1.npz"), np.load(tmp_path / "4.npz")
+    assert int(four["devices"]) == 4 and int(four["kernel_pieces"]) == 4 and int(one["kernel_pieces"]) == 1
+    lr = float(one["metric/learning_rate"])
+    for key in set(one.files) - {"devices", "kernel_pieces"}:
+        kind, _, path = key.partition("/")
+        if kind != "params":
+            scale = max(1.0, float(np.max(np.abs(one[key]))))
+            np.testing.assert_allclose(four[key], one[key], rtol=1e-5, atol=1e-5 * scale, err_msg=key)
+            continue
+        # Attention key biases get a gradient that is rounding noise (softmax ignores a shift shared by all
+        # keys): AdamW's first step moves them by +-lr whatever its sign, so they are only bounded.
+        real = np.abs(one[f"opt_state/0/mu/{path}"]) > 1e-6
+        np.testing.assert_allclose(four[key][real], one[key][real], rtol=1e-5, atol=1e-5, err_msg=key)
+        assert np.all(np.abs(four[key] - one[key]) <= 2.001 * lr), key
+
+
+def _write_cache(directory, n=10, shard_size=4, vocab=32):
+    writer = CodeWriter(str(directory), vocab, shard_size=shard_size)
+    codes = np.arange(n * 6).reshape(n, 2, 3) % vocab
+    cond = np.stack([np.arange(n), np.arange(n) + 1], 1) % vocab
+    for i in range(0, n, 3):
+        writer.add(codes[i:i + 3], cond[i:i + 3])
+    writer.close()
+    with open(os.path.join(directory, "meta.json"), "w") as f:
+        json.dump({"num_examples": n, "code_shape": [2, 3], "cond_length": 2, "vocab_size": vocab}, f)
+    return codes, cond
+
+
+def test_code_cache_epochs_hosts_and_resume(tmp_path):
+    codes, cond = _write_cache(tmp_path)
+    cache = CodeCache(str(tmp_path))
+    assert cache.num_examples == 10 and len(list(tmp_path.glob("codes-*.npy"))) == 2  # 6 + 4
+    got = cache.gather([9, 0, 4])
+    np.testing.assert_array_equal(got["codes"], codes[[9, 0, 4]])
+    np.testing.assert_array_equal(got["cond"], cond[[9, 0, 4]])
+    assert got["codes"].dtype == np.int32
+
+    # Two hosts, batch 4 (2 each): 5 steps = 2 epochs; each epoch shows every example exactly once.
+    hosts = [code_batches(str(tmp_path), 4, seed=3, process_index=p, process_count=2) for p in (0, 1)]
+    rows = [np.concatenate([next(h)["cond"][:, 0] for h in hosts]) for _ in range(5)]
+    order = np.concatenate(rows)
+    assert sorted(order[:10]) == list(range(10)) and sorted(order[10:]) == list(range(10))
+    assert list(order[:10]) != list(order[10:])  # each epoch is reshuffled
+    resumed = code_batches(str(tmp_path), 4, seed=3, start_step=3, process_index=1, process_count=2)
+    np.testing.assert_array_equal(next(resumed)["cond"][:, 0], rows[3][2:])
+
+    evals = list(code_eval_batches(str(tmp_path), 4, process_index=0, process_count=1))
+    assert [int(b["mask"].sum()) for b in evals] == [4, 4, 2]
+    np.testing.assert_array_equal(np.concatenate([b["cond"][b["mask"]] for b in evals]), cond)
+
+
+def test_code_cache_errors_name_the_problem(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no code cache"):
+        CodeCache(str(tmp_path))
+    (tmp_path / "meta.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="no codes-"):
+        CodeCache(str(tmp_path))
+
+
+def test_vocabulary_check_refuses_codes_the_gpt_cannot_embed():
+    from vqgan_jax.train.stages import check_vocabulary
+
+    config = tiny_config()
+    config.cond_drop = 0.1
+    check_vocabulary(config, n_first=63, n_cond=0)
+    with pytest.raises(ValueError, match="vocab_size=64 is too small.*null token"):
+        check_vocabulary(config, n_first=64, n_cond=0)
+
+
+def _loop_config(cache, steps):
+    config = tiny_config()
+    config.mesh = [("data", -1), ("fsdp", 1)]
+    config.sharding_rules = [(".*", "replicate")]
+    config.data.codes = config.data.eval_codes = str(cache)
+    config.model.vocab_size = 32
+    config.batch_size, config.total_steps, config.log_every, config.checkpoint_every = 4, steps, 1, 3
+    config.optim.base_learning_rate = 2.5e-4
+    return config
+
+
+def test_training_from_a_code_cache_learns_and_resumes_exactly(tmp_path):
+    from vqgan_jax.train import run
+    from vqgan_jax.train.logging import read_jsonl
+
+    _write_cache(tmp_path / "cache", n=16)
+    straight = run(_loop_config(tmp_path / "cache", 6), str(tmp_path / "a"))
+    run(_loop_config(tmp_path / "cache", 3), str(tmp_path / "b"))
+    resumed = run(_loop_config(tmp_path / "cache", 6), str(tmp_path / "b"))
+    assert int(resumed.step) == 6
+    for a, b in zip(jax.tree.leaves(straight.params), jax.tree.leaves(resumed.params)):
+        np.testing.assert_array_equal(a, b)
+    log = read_jsonl(str(tmp_path / "a" / "metrics.jsonl"))
+    losses = [r["loss"] for r in log if "loss" in r]
+    assert losses[-1] < losses[0]  # the cache's codes are a simple pattern
+    assert any("val_bits_per_token" in r for r in log)
+    assert os.path.exists(tmp_path / "a" / "export" / "gpt" / "config.json")
+
+
+@pytest.fixture(scope="module")
+def tiny_first_stage(tmp_path_factory):
+    """A random tiny VQGAN saved as training exports it, and a folder of 6 images."""
+    from PIL import Image
+
+    from vqgan_jax.models import VQGAN
+    from vqgan_jax.pretrained import save_pretrained
+
+    root = tmp_path_factory.mktemp("first_stage")
+    vq = VQGAN(ch=32, ch_mult=(1, 1), num_res_blocks=1, attn_resolutions=(), resolution=16, z_channels=8,
+               embed_dim=8, n_embed=24)
+    params = vq.init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)))["params"]
+    save_pretrained(str(root / "vq"), vq, {"params": params})
+    rng = np.random.default_rng(0)
+    os.makedirs(root / "images")
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 255, (20, 24, 3), np.uint8)).save(root / "images" / f"{i}.png")
+    return root, vq, params
+
+
+def _image_config(root):
+    from vqgan_jax.train.gpt_config import default_config
+
+    c = default_config()
+    c.batch_size, c.total_steps, c.log_every, c.checkpoint_every = 2, 2, 1, 2
+    c.data.path, c.data.size = str(root / "images"), 16
+    c.first_stage.checkpoint = str(root / "vq")
+    c.model.update(vocab_size=24, block_size=64, n_layer=1, n_head=2, n_embd=16)
+    return c
+
+
+def test_encode_writes_the_first_stage_codes_and_training_reads_images_or_codes(tiny_first_stage, tmp_path):
+    from vqgan_jax import data
+    from vqgan_jax.data.encode import encode
+    from vqgan_jax.train import run
+
+    root, vq, params = tiny_first_stage
+    config = _image_config(root)
+    meta = encode(config, str(tmp_path / "codes"), split="eval")
+    assert meta["num_examples"] == 6 and meta["code_shape"] == [8, 8] and meta["cond_length"] == 1
+    cache = CodeCache(str(tmp_path / "codes"))
+    images = np.concatenate([b["image"][b["mask"]] for b in data.eval_iterator(config.data, batch_size=2)])
+    expected = vq.apply({"params": params}, jnp.asarray(images), method=vq.encode)[1]
+    np.testing.assert_array_equal(cache.gather(np.arange(6))["codes"], expected)
+    np.testing.assert_array_equal(cache.gather(np.arange(6))["cond"], 0)  # the SOS token
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        encode(config, str(tmp_path / "codes"), split="eval")
+
+    run(config, str(tmp_path / "from_images"))  # frozen first stage inside the step
+    config.data.codes = str(tmp_path / "codes")
+    state = run(config, str(tmp_path / "from_codes"))
+    assert int(state.step) == 2
+
+
+def test_missing_first_stage_is_named(tiny_first_stage, tmp_path):
+    from vqgan_jax.train import run
+
+    config = _image_config(tiny_first_stage[0])
+    config.first_stage.checkpoint = str(tmp_path / "nowhere.ckpt")
+    with pytest.raises(FileNotFoundError, match="first_stage.checkpoint"):
+        run(config, str(tmp_path / "run"))
+    config.first_stage.checkpoint = ""
+    with pytest.raises(ValueError, match="first_stage.checkpoint is not set"):
+        run(config, str(tmp_path / "run"))

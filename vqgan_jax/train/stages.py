@@ -1,0 +1,78 @@
+"""The frozen models of transformer training: the first stage (image -> codes) and a VQGAN conditioning
+stage (segmentation or depth map -> codes), loaded from our saved models or from original checkpoints."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+
+from vqgan_jax.models import VQGAN
+from vqgan_jax.net2net import VQ_COND_KINDS
+
+
+def load_vqgan(checkpoint: str, yaml_config: str = "", what: str = "first_stage") -> tuple[VQGAN, dict]:
+    """checkpoint: a directory written by `save_pretrained` (training's export/vqgan, the converter's
+    output), or an original .ckpt / .npz with its YAML in `yaml_config` -> (vq, params)."""
+    if not checkpoint:
+        raise ValueError(f"{what}.checkpoint is not set: give a saved VQGAN directory (e.g. runs/vqgan/export/"
+                         f"vqgan) or an original .ckpt with {what}.config pointing to its YAML")
+    if os.path.isdir(checkpoint):
+        from vqgan_jax.pretrained import load_pretrained
+
+        model, variables = load_pretrained(checkpoint)
+        if not isinstance(model, VQGAN):
+            raise ValueError(f"{what}.checkpoint {checkpoint!r} holds a {type(model).__name__}, not a VQGAN")
+        return model, variables["params"]
+    if not os.path.exists(checkpoint):
+        raise FileNotFoundError(f"{what}.checkpoint {checkpoint!r} does not exist")
+    if not yaml_config:
+        raise ValueError(f"{what}.checkpoint {checkpoint!r} is an original checkpoint: set {what}.config to "
+                         f"its YAML (the model.params with ddconfig, embed_dim, n_embed)")
+    from vqgan_jax.convert import vqgan_from_taming
+
+    return vqgan_from_taming(checkpoint, yaml_config)
+
+
+def load_stages(config):
+    """-> ((first_vq, cond_vq), (first_params, cond_params)): modules (static) apart from their params
+    (arrays, passed to the jitted step). cond_vq and cond_params are None unless the condition is a
+    VQGAN's codes. Only needed when training reads images rather than a code cache."""
+    vq, params = load_vqgan(config.first_stage.checkpoint, config.first_stage.config, "first_stage")
+    cond_vq = cond_params = None
+    if config.cond_stage.kind in VQ_COND_KINDS:
+        cond_vq, cond_params = load_vqgan(config.cond_stage.checkpoint, config.cond_stage.config, "cond_stage")
+    check_vocabulary(config, vq, cond_vq)
+    on_device = lambda tree: None if tree is None else jax.tree.map(jnp.asarray, tree)  # noqa: E731
+    return (vq, cond_vq), (on_device(params), on_device(cond_params))
+
+
+def check_config(config) -> None:
+    """Combinations that would train on wrong conditions, refused before anything runs."""
+    from vqgan_jax.net2net import COND_KINDS
+
+    kind = config.cond_stage.kind
+    if kind not in COND_KINDS:
+        raise ValueError(f"unknown cond_stage.kind {kind!r}: use one of {COND_KINDS}")
+    if kind == "coord" and config.data.flip:
+        raise ValueError("coord conditioning with data.flip=True: the positions would not follow the mirrored "
+                         "image; set data.flip=False (the original's FacesHQ does not flip)")
+    if kind == "segmentation" and not config.data.codes and not config.data.segmentation_path:
+        raise ValueError("segmentation conditioning reads label maps: set data.segmentation_path (or train on "
+                         "a code cache with data.codes)")
+
+
+def check_vocabulary(config, first_vq=None, cond_vq=None, n_first=None, n_cond=None) -> None:
+    """The GPT's vocabulary must hold every image code and condition token, plus the null token when
+    conditions are dropped: a token outside it would be silently clamped by the embedding lookup."""
+    vocab = config.model.vocab_size
+    n_first = n_first if n_first is not None else first_vq.n_embed
+    kind = config.cond_stage.kind
+    if n_cond is None:
+        # coord tokens are round(n_embed * position) with position < 1: at most n_embed - 1 in practice.
+        n_cond = {"sos": config.cond_stage.sos_token + 1, "coord": config.cond_stage.n_embed,
+                  "class": config.cond_stage.n_classes}.get(kind, cond_vq.n_embed if cond_vq is not None else 0)
+    needed = max(n_first, n_cond) + (1 if config.cond_drop > 0 else 0)
+    if vocab < needed:
+        reason = " (+1 for the null token of cond_drop)" if config.cond_drop > 0 else ""
+        raise ValueError(f"model.vocab_size={vocab} is too small: codes and condition tokens need {needed}"
+                         f"{reason}; first stage has {n_first} codes, the condition {n_cond} tokens")

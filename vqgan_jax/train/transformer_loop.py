@@ -1,0 +1,161 @@
+"""`run(config, workdir)`: the transformer training loop; `evaluate(config, workdir)`: validation NLL.
+
+Input is a code cache (`data.codes`) or images encoded inside the step by the frozen stages. The loop's
+machinery is the VQGAN's: distributed set-up, mesh, state born sharded or restored, checkpoints
+(periodic, on SIGTERM/SIGINT, at the end), JSONL/TensorBoard logs, and the model's export.
+"""
+
+import json
+import os
+import time
+
+import jax
+import numpy as np
+
+from vqgan_jax import data
+from vqgan_jax.data.codes import code_batches, code_eval_batches
+from vqgan_jax.pretrained import save_pretrained
+from vqgan_jax.train.checkpoint import Checkpointer, abstract_with_shardings
+from vqgan_jax.train.logging import MetricWriter, Progress
+from vqgan_jax.train.loop import _StopRequest, initialize_distributed
+from vqgan_jax.train.sharding import batch_sharding, make_mesh, replicated
+from vqgan_jax.train.stages import check_config, check_vocabulary, load_stages
+from vqgan_jax.train.transformer import (build_gpt, create_state, jit_train_step, make_eval_step, optimizer,
+                                         state_shapes)
+
+
+def _stages(config, mesh):
+    """-> (stage_models, stage_params replicated) when training reads images; (None, None) with a code
+    cache (whose vocabulary is checked against the GPT's instead)."""
+    if config.data.codes:
+        from vqgan_jax.data.codes import CodeCache
+
+        meta = CodeCache(config.data.codes).meta
+        check_vocabulary(config, n_first=meta["vocab_size"], n_cond=0)
+        return None, None
+    models, params = load_stages(config)
+    return models, jax.device_put(params, replicated(mesh))
+
+
+def _setup(config, workdir):
+    check_config(config)
+    initialize_distributed(config)
+    mesh = make_mesh(config.mesh)
+    gpt, tx = build_gpt(config), optimizer(config)
+    checkpointer = Checkpointer(workdir, config.keep_checkpoints)
+    rng = jax.random.PRNGKey(config.seed)
+    if checkpointer.latest_step() is not None:
+        abstract, shardings = state_shapes(gpt, tx, config, mesh, rng)
+        state, _ = checkpointer.restore(abstract_with_shardings(abstract, shardings))
+    else:
+        state, shardings = create_state(gpt, tx, config, mesh, rng)
+    return mesh, gpt, tx, shardings, checkpointer, state
+
+
+def _train_batches(config, start):
+    if config.data.codes:
+        return code_batches(config.data.codes, config.batch_size, config.seed, start)
+    return data.train_iterator(config.data, global_batch_size=config.batch_size, seed=config.seed,
+                               start_step=start)
+
+
+def _eval_batches(config):
+    """Validation batches, or None where no validation data is configured."""
+    if config.data.codes:
+        return code_eval_batches(config.data.eval_codes, config.batch_size) if config.data.eval_codes else None
+    return data.eval_iterator(config.data, batch_size=config.batch_size)
+
+
+def validation_nll(config, gpt, params, stages, mesh) -> dict | None:
+    """stages: (stage_models, stage_params) as `_stages` returns them."""
+    """Mean negative log-likelihood of the validation codes: nats and bits per token."""
+    batches = _eval_batches(config)
+    if batches is None:
+        return None
+    stage_models, stage_params = stages
+    step = jax.jit(make_eval_step(gpt, config, stage_models), in_shardings=(None, batch_sharding(mesh), replicated(mesh)),
+                   out_shardings=replicated(mesh))
+    total, tokens = 0.0, 0
+    for i, batch in enumerate(batches):
+        if config.eval_batches and i >= config.eval_batches:
+            break
+        numeric = {k: v for k, v in batch.items() if k not in ("key", "index")}
+        nll, count = jax.device_get(step(params, data.to_global(numeric, batch_sharding(mesh)), stage_params))
+        total, tokens = total + float(nll), tokens + int(count)
+    if tokens == 0:
+        return None
+    return {"val_nll": total / tokens, "val_bits_per_token": total / tokens / np.log(2.0), "val_tokens": tokens}
+
+
+def run(config, workdir: str):
+    """Trains until `config.total_steps`, resuming from the last checkpoint in `workdir` if there is one."""
+    os.makedirs(workdir, exist_ok=True)
+    mesh, gpt, tx, shardings, checkpointer, state = _setup(config, workdir)
+    stages = _stages(config, mesh)
+    start = int(state.step)
+    is_main = jax.process_index() == 0
+    writer = MetricWriter(workdir, enabled=is_main)
+    if is_main:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
+
+    source = _train_batches(config, start)
+    batches = data.prefetch_to_device(source, batch_sharding(mesh))
+    train_step = jit_train_step(gpt, tx, config, mesh, shardings, stages[0])
+    progress = Progress(config.total_steps, start)
+    stop = _StopRequest()
+    step = start
+    try:
+        while step < config.total_steps:
+            batch = next(batches)
+            t0 = time.perf_counter()
+            state, metrics = train_step(state, batch, stages[1])
+            step += 1
+            progress.update(step)
+            if step % config.log_every == 0 or step == config.total_steps:
+                scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                scalars.update(step_time=time.perf_counter() - t0, steps_per_sec=progress.steps_per_sec,
+                               skipped_files=getattr(source, "skipped", 0))
+                writer.write_scalars(step, scalars)
+            if config.eval_every and step % config.eval_every == 0 and step < config.total_steps:
+                nll = validation_nll(config, gpt, state.params, stages, mesh)
+                if nll:
+                    writer.write_scalars(step, nll)
+            if step % config.checkpoint_every == 0:
+                checkpointer.save(state, step)
+            if stop.requested():
+                break
+        checkpointer.save(state, step)
+        if step >= config.total_steps:
+            nll = validation_nll(config, gpt, state.params, stages, mesh)
+            if nll:
+                writer.write_scalars(step, nll)
+            params = jax.device_get(jax.jit(lambda t: t, out_shardings=replicated(mesh))(state.params))
+            export = os.path.join(workdir, "export")
+            save_pretrained(os.path.join(export, "gpt"), gpt, {"params": params})
+            if is_main:
+                with open(os.path.join(export, "net2net.json"), "w") as f:
+                    json.dump({"first_stage": config.first_stage.to_dict(), "cond_stage": config.cond_stage.to_dict(),
+                               "data_size": config.data.size}, f, indent=2)
+    finally:
+        stop.restore()
+        writer.close()
+        checkpointer.close()
+    return state
+
+
+def evaluate(config, workdir: str) -> dict:
+    """Validation NLL of the last checkpoint, written to `workdir/eval_<step>.json`."""
+    checkpoints = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(checkpoints) or not any(d.isdigit() for d in os.listdir(checkpoints)):
+        raise FileNotFoundError(f"no checkpoint in {workdir!r} to evaluate: train there first")
+    mesh, gpt, _, _, checkpointer, state = _setup(config, workdir)
+    checkpointer.close()
+    result = validation_nll(config, gpt, state.params, _stages(config, mesh), mesh)
+    if result is None:
+        raise ValueError("no validation data: set data.eval_codes (with a code cache) or the image data")
+    result["step"] = int(state.step)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, f"eval_{int(state.step)}.json"), "w") as f:
+            json.dump(result, f, indent=2)
+    return result
