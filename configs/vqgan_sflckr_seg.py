@@ -20,4 +20,5 @@ def get_config(arg=None):
     c.model.update(embed_dim=256, n_embed=1024, z_channels=256, in_channels=N_LABELS, out_ch=N_LABELS)
     if arg == "runlocal":
         c = runlocal(c)
+        c.optim.base_learning_rate = 1e-4  # a smoke run has no time for the original's 4.5e-6
     return c
