@@ -59,4 +59,5 @@ def runlocal(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.checkpoint_every = 10
     c.eval_batches = 2
     c.model.update(n_layer=2, n_head=2, n_embd=64)
+    c.optim.base_learning_rate = 1e-4  # a smoke run has no time for the original's 4.5e-6
     return c
