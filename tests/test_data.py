@@ -3,6 +3,7 @@
 import gc
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 import time
@@ -661,6 +662,243 @@ def test_real_sflckr_batches():
         assert (top >= 0).all() and (left >= 0).all() and (top + 256 <= h).all() and (left + 256 <= w).all()
         assert np.minimum(h, w).tolist() == [256] * 64
     assert it.skipped == 0
+
+
+# --- class labels ----------------------------------------------------------------------------------------
+
+def _write_classes(root, counts):
+    """counts: {class name: n} -> [(path, class name)]: n images per class folder, every other one a level
+    deeper (its class is still the top-level folder), each a constant colour 10 * (its number in the list)."""
+    written = []
+    for name, n in counts.items():
+        for k in range(n):
+            rel = f"{name}/{'deep/' if k % 2 else ''}{name}{k}.png"
+            written.append((_save(os.path.join(root, rel), _constant(SIZE, SIZE + 4, 10 * len(written))), name))
+    return written
+
+
+def test_class_folders_number_the_sorted_top_level_folders(tmp_path):
+    train, held_out = tmp_path / "train", tmp_path / "val"
+    files = _write_classes(train, {"zebra": 2, "cat": 3, "dog": 2})
+    (train / "empty_class").mkdir()  # keeps its place in the numbering, as in torchvision's ImageFolder
+    (train / "notes.txt").write_text("not an image, so not a stray image")
+    classes = ["cat", "dog", "empty_class", "zebra"]
+    c = _config(path=str(train), class_folders=True, flip=True)
+    it = data.train_iterator(c, global_batch_size=len(files), seed=1, process_index=0, process_count=1,
+                             with_keys=True)
+    assert it.classes == classes
+    label_of = {path: classes.index(name) for path, name in files}
+    for batch in _take(it, 2):
+        assert batch["label"].dtype == np.int32 and batch["label"].shape == (len(files),)
+        assert batch["label"].tolist() == [label_of[k.decode()] for k in batch["key"]]
+
+    # Evaluation on eval_path numbers its folders by the training classes ("dog" stays 1, "zebra" 3), and
+    # its padding rows get label 0.
+    val = sorted(_write_classes(held_out, {"zebra": 2, "dog": 1}))
+    ev_config = _config(path=str(train), eval_path=str(held_out), class_folders=True)
+    kw = dict(batch_size=4, process_index=0, process_count=1)
+    ev = data.eval_iterator(ev_config, with_keys=True, **kw)
+    (batch,) = list(ev)
+    assert ev.classes == classes
+    assert [k.decode() for k in batch["key"][:3]] == [path for path, _ in val]
+    assert batch["mask"].tolist() == [True, True, True, False]
+    assert batch["label"].tolist() == [classes.index(name) for _, name in val] + [0]
+    _write_classes(held_out, {"yak": 1})
+    with pytest.raises(ValueError, match="class 'yak' of .* is not a class of the training data"):
+        data.eval_iterator(ev_config, **kw)
+
+    # An image directly in the root folder (or list folder) has no class.
+    stray = _save(train / "stray.png", _constant(SIZE, SIZE, 0))
+    with pytest.raises(ValueError, match=f"{re.escape(stray)} lies directly in"):
+        data.train_iterator(c, global_batch_size=1, process_index=0, process_count=1)
+    listed = train / "list.txt"
+    listed.write_text("cat/cat0.png\nstray.png\n")
+    with pytest.raises(ValueError, match="stray.png lies directly in"):
+        data.eval_iterator(_config(path=str(listed), class_folders=True), **kw)
+    # A list's classes are the first components of its entries, relative to the list's folder.
+    listed.write_text("zebra/zebra0.png\ncat/deep/cat1.png\n")
+    ev = data.eval_iterator(_config(path=str(listed), class_folders=True), **kw)
+    assert ev.classes == ["cat", "zebra"] and next(ev)["label"].tolist() == [1, 0, 0, 0]
+
+
+def test_class_label_config_errors(tmp_path, folder, tfds_dir):
+    kw = dict(global_batch_size=2, process_index=0, process_count=1)
+    tiny = dict(name="vqgan_jax_tiny_images", data_dir=tfds_dir, image_key="picture")
+    with pytest.raises(ValueError, match="data.label_key='label' names a TFDS feature"):
+        data.train_iterator(_config(path=folder[0], label_key="label"), **kw)
+    with pytest.raises(ValueError, match="data.class_folders=True needs data.path"):
+        data.train_iterator(_config(class_folders=True, **tiny), **kw)
+    with pytest.raises(ValueError, match="data.depth_path=.* needs data.path"):
+        data.eval_iterator(_config(depth_path=str(tmp_path), **tiny), batch_size=2, process_index=0,
+                           process_count=1)
+    with pytest.raises(ValueError, match=r"no feature 'class' \(data.label_key\)"):
+        data.train_iterator(_config(label_key="class", **tiny), **kw)
+    with pytest.raises(ValueError, match="label_key='picture' must name an integer scalar"):
+        data.train_iterator(_config(label_key="picture", **tiny), **kw)
+    with pytest.raises(ValueError, match="data.class_folders needs data.path .* scikit-image"):
+        data.train_iterator(_config(path="skimage:", class_folders=True), **kw)
+    # The training configs spell unset string fields "" (see train/config.py).
+    batch = next(data.train_iterator(_config(path=folder[0], label_key="", depth_path=""), **kw))
+    assert set(batch) == {"image", "crop", "flipped"}
+
+
+def test_tfds_class_labels(tfds_dir):
+    c = _config(name="vqgan_jax_tiny_images", data_dir=tfds_dir, image_key="picture", label_key="label",
+                flip=True)
+    # Each record's label, read by one evaluation pass over the training split.
+    (records,) = list(data.eval_iterator(c, batch_size=12, split="train", process_index=0, process_count=1,
+                                         with_keys=True))
+    assert sorted(records["label"].tolist()) == sorted(i % 3 for i in range(12))
+    label_of = dict(zip(records["key"], records["label"]))
+    kw = dict(global_batch_size=4, seed=2, process_index=0, process_count=1, with_keys=True)
+    full = _take(data.train_iterator(c, **kw), 5)
+    for batch in full:
+        assert batch["label"].dtype == np.int32 and batch["label"].shape == (4,)
+        assert batch["label"].tolist() == [label_of[k] for k in batch["key"]]
+    resumed = data.train_iterator(c, start_step=3, **kw)
+    for want in full[3:]:
+        got = next(resumed)
+        for k in want:
+            np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+
+    batches = list(data.eval_iterator(c, batch_size=4, process_index=0, process_count=1))  # 5 records
+    assert batches[1]["mask"].tolist() == [True, False, False, False]
+    assert sorted(np.concatenate([b["label"][b["mask"]] for b in batches]).tolist()) == [0, 0, 1, 1, 2]
+    assert (batches[1]["label"][1:] == 0).all()
+
+
+def test_class_labels_follow_the_repair(tmp_path):
+    root = tmp_path / "train"
+    files = _write_classes(root, {"a": 2, "b": 2, "c": 1})
+    bad = _write_bad(str(root / "b"))  # undecodable images in class 1
+    n = len(files) + len(bad)
+    c = _config(path=str(root), class_folders=True)
+    it = data.train_iterator(c, global_batch_size=n, process_index=0, process_count=1, with_keys=True)
+    batch = next(it)  # one epoch
+    assert it.skipped == len(bad)
+    colour = {path: 10 * i for i, (path, _) in enumerate(files)}
+    label = {path: "abc".index(name) for path, name in files}
+    # Bad rows hold good examples: key, image and label moved together.
+    for key, image, lab in zip(batch["key"], batch["image"], batch["label"]):
+        key = key.decode()
+        assert lab == label[key] and np.abs(_levels(image) - colour[key]).max() < 1e-3
+
+    (batch,) = list(data.eval_iterator(c, batch_size=n, process_index=0, process_count=1, with_keys=True))
+    mask = batch["mask"]
+    assert mask.sum() == len(files) and (batch["label"][~mask] == 0).all()
+    assert batch["label"][mask].tolist() == [label[k.decode()] for k in batch["key"][mask]]
+
+
+# --- depth maps ------------------------------------------------------------------------------------------
+
+def _depth_config(images, depth_maps, **kw):
+    return _config(path=str(images), depth_path=str(depth_maps), **kw)
+
+
+def _depth_values(depth, max_value=65535):
+    """float32 depth in [-1, 1] -> the PNG values (0..max_value) it was scaled from, as float64."""
+    return (depth.astype(np.float64) + 1.0) * max_value / 2
+
+
+def test_depth_map_gets_the_image_crop_and_flip(tmp_path):
+    images, depths = tmp_path / "images", tmp_path / "depth"
+    # Short side == SIZE: no resize, so the 16-bit depth 256 * column + row must match the image's position.
+    for name, (h, w) in {"land.png": (SIZE, 40), "port.png": (40, SIZE)}.items():
+        y, x = np.mgrid[0:h, 0:w]
+        _write_pair(images, depths, name, _position_image(h, w, 5), (256 * x + y).astype(np.uint16))
+    windows = set()
+    for batch in _segmentation_batches(_depth_config(images, depths, flip=True), 3, seeds=range(4)):
+        assert batch["depth"].shape == (2, SIZE, SIZE, 1) and batch["depth"].dtype == np.float32
+        for image, depth, (top, left, _, _), flipped in zip(batch["image"], batch["depth"], batch["crop"],
+                                                            batch["flipped"]):
+            levels = np.round(_levels(image)).astype(np.int64)
+            x, y = levels[..., 0] // 5, levels[..., 1] // 5
+            np.testing.assert_array_equal(np.round(_depth_values(depth[..., 0])), 256 * x + y)
+            windows.add((int(top), int(left), bool(flipped)))
+    assert len(windows) > 6 and {f for *_, f in windows} == {True, False}  # random crops, both flips
+
+
+def test_depth_scaling(tmp_path):
+    images, depths = tmp_path / "images", tmp_path / "depth"
+    tile = (SIZE, SIZE // 4)
+    grey8 = np.tile(np.array([0, 51, 128, 255], np.uint8), tile)
+    grey16 = np.tile(np.array([0, 1000, 30000, 65535], np.uint16), tile)
+    # The original's format: RGBA whose four bytes per pixel are a float32 depth, min-max scaled per map.
+    floats = np.tile(np.array([2.0, 4.5, 10.0, 3.0], np.float32), tile)
+    for name, depth in {"a8.png": grey8, "b16.png": grey16, "c_packed.png": floats.view(np.uint8).reshape(
+            SIZE, SIZE, 4)}.items():
+        _write_pair(images, depths, name, _smooth_image(SIZE, SIZE, 0), depth)
+    (batch,) = list(data.eval_iterator(_depth_config(images, depths), batch_size=3, process_index=0,
+                                       process_count=1))
+    assert batch["mask"].all()
+    depth = batch["depth"][..., 0]
+    np.testing.assert_allclose(depth[0], grey8 / 255 * 2 - 1, atol=1e-6)
+    np.testing.assert_allclose(depth[1], grey16 / 65535 * 2 - 1, atol=1e-6)
+    np.testing.assert_allclose(depth[2], (floats - 2) / 8 * 2 - 1, atol=1e-6)
+
+
+def test_depth_map_is_resized_as_the_image(tmp_path):
+    images, depths = tmp_path / "images", tmp_path / "depth"
+    # Twice SIZE on the short side: both are downscaled with antialiased bilinear. The image's red and the
+    # 8-bit depth hold the same ramp 3 * column, so they agree up to the image's rounding to uint8 levels.
+    x = np.mgrid[0:2 * SIZE, 0:80][1]
+    _write_pair(images, depths, "land.png", _position_image(2 * SIZE, 80, 3), (3 * x).astype(np.uint8))
+    for batch in _segmentation_batches(_depth_config(images, depths, flip=True), 3, seeds=range(2), batch_size=1):
+        assert tuple(batch["crop"][0, 2:]) == (SIZE, 40)
+        diff = _depth_values(batch["depth"][0, ..., 0], 255) - _levels(batch["image"][0])[..., 0]
+        assert np.abs(diff).max() <= 0.5 + 1e-3, np.abs(diff).max()
+
+
+def test_unusable_depth_maps_are_skipped_and_counted(tmp_path, caplog):
+    images, depths = tmp_path / "images", tmp_path / "depth"
+    good = [_write_pair(images, depths, f"good{i}.png", _constant(SIZE, 20, 20 * i), _constant(SIZE, 20, 40 * i, 0))
+            for i in range(5)]
+    bad = {
+        "unreadable": _write_pair(images, depths, "no_depth.png", _constant(SIZE, 20, 9), None),
+        "depth_map_size": _write_pair(images, depths, "size.png", _constant(SIZE, 20, 9), _constant(SIZE, 21, 1, 0)),
+        "depth_map_format": _write_pair(images, depths, "rgb.png", _constant(SIZE, 20, 9), _constant(SIZE, 20, 1)),
+    }
+    n = len(good) + len(bad)
+    c = _depth_config(images, depths)
+    caplog.set_level("WARNING", logger="vqgan_jax.data.pipeline")
+    it = data.train_iterator(c, global_batch_size=n, process_index=0, process_count=1, with_keys=True)
+    batch = next(it)  # one epoch
+    assert it.skipped == len(bad) and dict(it.skipped_reasons) == {reason: 1 for reason in bad}
+    assert sorted(it.skipped_keys) == sorted(bad.values())
+    for key, image, depth in zip(batch["key"], batch["image"], batch["depth"]):
+        i = good.index(key.decode())
+        assert np.abs(_levels(image) - 20 * i).max() < 1e-3
+        np.testing.assert_allclose(_depth_values(depth, 255), 40 * i, atol=1e-3)
+    log = caplog.text
+    assert str(depths / "no_depth.png") in log and "does not exist" in log
+    assert str(depths / "size.png") in log and "differs from the image in height or width" in log
+    assert str(depths / "rgb.png") in log and "neither a grey" in log
+
+    ev = data.eval_iterator(c, batch_size=n, process_index=0, process_count=1, with_keys=True)
+    (batch,) = list(ev)
+    mask = batch["mask"]
+    assert ev.skipped == len(bad) and {k.decode() for k in batch["key"][mask]} == set(good)
+    assert (batch["depth"][~mask] == 0).all() and (batch["image"][~mask] == 0).all()
+
+
+def test_labels_and_depth_resume_gives_the_same_batches(tmp_path):
+    images, depths = tmp_path / "images", tmp_path / "depth"
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        h, w = 20 + 3 * i, 24 + 2 * i
+        _write_pair(images, depths, f"{'ab'[i % 2]}/img{i}.png", _smooth_image(h, w, i),
+                    rng.integers(0, 65536, (h, w)).astype(np.uint16))
+    _write_pair(images, depths, "b/no_depth.png", _smooth_image(20, 20, 9), None)  # exercises the repair
+    c = _depth_config(images, depths, flip=True, class_folders=True)
+    kw = dict(global_batch_size=3, seed=5, process_index=0, process_count=1, with_keys=True)
+    full = _take(data.train_iterator(c, **kw), 7)
+    resumed = data.train_iterator(c, start_step=4, **kw)
+    for want in full[4:]:
+        got = next(resumed)
+        assert set(got) == {"image", "depth", "label", "crop", "flipped", "key", "index"}
+        assert got["label"].tolist() == [int(b"/b/" in k) for k in got["key"]]
+        for k in got:
+            np.testing.assert_array_equal(got[k], want[k], err_msg=k)
 
 
 # --- device ----------------------------------------------------------------------------------------------

@@ -22,6 +22,17 @@ DEFAULTS = dict(
     segmentation_path=None,    # folder of label maps paired with data.path's images; folder sources only
     n_labels=0,                # classes in the label maps (S-FLCKR: 182); needed with segmentation_path
     shift_segmentation=False,  # add 1 to every label first (uint8 wrap: "unlabeled" 255 becomes class 0)
+    # Class labels (the original's ImageNet `class_label`, for class-conditional transformers): batches then
+    # hold "label" int32 [B]. Set the one that fits the source.
+    label_key=None,            # TFDS only: the integer feature holding the class ("label" for imagenet2012)
+    class_folders=False,       # folder sources only: class = index of the image's top-level subfolder of
+                               # data.path among them, sorted (torchvision's ImageFolder); a file list takes
+                               # its entries' first path component; eval_path is numbered by data.path's classes
+    # Depth maps (the original's ImageNet*WithDepth): paired with the images as label maps are, <depth_path>/
+    # <rel>/<stem>.png; batches then hold "depth" float32 [B, size, size, 1] in [-1, 1], cropped and flipped
+    # with the image. Grey 8/16-bit PNGs (value / dtype max), or the original's RGBA-packed float32 maps
+    # (per-map min-max, as the original); see preprocess.decode_depth.
+    depth_path=None,           # folder of depth maps paired with data.path's images; folder sources only
 )
 
 
@@ -78,6 +89,45 @@ def segmentation(config) -> Segmentation | None:
         raise ValueError(f"data.segmentation_path is set, so data.n_labels must be the number of classes in the "
                          f"label maps, an int in [1, 256] (the original S-FLCKR setup uses 182); got {n_labels!r}")
     return Segmentation(str(path), n_labels, bool(get(config, "shift_segmentation")))
+
+
+def _folder_only(config, field: str, value, hint: str = "") -> None:
+    """ValueError unless data.path is the source: `field` works on data.path's image files and folders."""
+    if source_kind(config) != "folder":
+        raise ValueError(f"data.{field}={value!r} needs data.path to be a folder of images (or a file list); "
+                         f"the TFDS dataset data.name={get(config, 'name')!r} has no image files{hint}")
+
+
+def label_key(config) -> str | None:
+    """data.label_key, the TFDS feature holding each example's class, or None; ValueError with a folder source."""
+    key = get(config, "label_key")
+    if not key:  # the training configs spell "unset" as "", so that an override can give a string
+        return None
+    if not isinstance(key, str):
+        raise ValueError(f"data.label_key must be the name of a TFDS feature (e.g. 'label'), got {key!r}")
+    if source_kind(config) != "tfds":
+        raise ValueError(f"data.label_key={key!r} names a TFDS feature, but the source is the folder data.path="
+                         f"{get(config, 'path')!r}; for folders of class subfolders set data.class_folders=True")
+    return key
+
+
+def class_folders(config) -> bool:
+    """data.class_folders; ValueError with a TFDS source."""
+    value = get(config, "class_folders")
+    if not isinstance(value, bool):
+        raise ValueError(f"data.class_folders must be True or False, got {value!r}")
+    if value:
+        _folder_only(config, "class_folders", value, "; for a TFDS class feature set data.label_key")
+    return value
+
+
+def depth_path(config) -> str | None:
+    """data.depth_path as a str, or None; ValueError with a TFDS source."""
+    path = get(config, "depth_path")
+    if not path:
+        return None
+    _folder_only(config, "depth_path", path)
+    return str(path)
 
 
 def local_batch_size(global_batch_size: int, process_count: int) -> int:

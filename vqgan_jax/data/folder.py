@@ -1,7 +1,8 @@
 """Image files from a local folder or a file list (the original's `custom` data): path -> sorted file paths.
 
 Listing never opens an image: unreadable files are found, skipped and counted later by the pipeline. Label
-maps are paired with the images by path (`label_maps`); a missing one is likewise only found later.
+and depth maps are paired with the images by path (`label_maps`, `depth_maps`); a missing one is likewise
+only found later. With data.class_folders an image's class is its top-level folder (`class_labels`).
 """
 
 import os
@@ -121,29 +122,31 @@ def list_images(path: str) -> list[str]:
     return read_file_list(path)
 
 
-def image_root(path: str) -> str:
-    """The folder that data.path's images are paired by: data.path itself, or a file list's own folder.
+def image_root(path: str, field: str = "data.segmentation_path") -> str:
+    """The folder that data.path's images are paired by (and classed by): data.path itself, or a file list's
+    own folder.
 
-    ValueError for "skimage:", whose photos have no label maps.
+    ValueError naming `field` for "skimage:", whose photos have no paired files and no class folders.
     """
     path = os.path.expanduser(str(path))
     if path.startswith(SKIMAGE):
-        raise ValueError("data.segmentation_path needs data.path to be a folder of images or a file list; the "
-                         "scikit-image photos (data.path='skimage:') have no label maps")
+        raise ValueError(f"{field} needs data.path to be a folder of images or a file list; the scikit-image "
+                         f"photos (data.path='skimage:') have no paired files or class folders")
     return path if _isdir(path) else (os.path.dirname(path) or os.curdir)
 
 
-def relative_path(image: str, root: str) -> str:
-    """image's path below root ("sub/a.jpg"); ValueError if it is not below root."""
+def relative_path(image: str, root: str, purpose: str = "data.segmentation_path pairs each image with a label map"
+                  ) -> str:
+    """image's path below root ("sub/a.jpg"); ValueError, starting with `purpose`, if it is not below root."""
     prefix = root.rstrip("/") + "/"
     rel = image[len(prefix):] if image.startswith(prefix) else None
     # Walked folders always take the prefix path; only list entries can need the general (slower) relpath.
     if (rel is None or ".." in rel.split("/")) and not (_is_remote(image) or _is_remote(root)):
         rel = os.path.relpath(image, root)
     if rel is None or rel == ".." or rel.startswith("../") or os.path.isabs(rel):
-        raise ValueError(f"data.segmentation_path pairs each image with a label map by its path relative to {root} "
-                         f"(data.path, or the folder of the file list data.path), but the image {image} is "
-                         f"outside that folder; list only images below the list file's folder")
+        raise ValueError(f"{purpose} by its path relative to {root} (data.path or data.eval_path, or the folder "
+                         f"of the file list there), but the image {image} is outside that folder; list only "
+                         f"images below the list file's folder")
     return rel
 
 
@@ -153,22 +156,95 @@ def label_map_path(image: str, root: str, segmentation_root: str) -> str:
     return os.path.join(segmentation_root, stem + LABEL_MAP_EXTENSION)
 
 
-def label_maps(path: str, files: list[str], segmentation_root: str) -> list[str]:
-    """data.path, its image files -> the paired label map paths, same order.
+def _paired_paths(path: str, files: list[str], pair_root: str, field: str, what: str) -> list[str]:
+    """data.path, its image files -> the files of kind `what` ("label map") under pair_root (data.`field`)
+    paired with them, <pair_root>/<rel>/<stem>.png, same order.
 
-    Missing maps are left to the pipeline (each one is an invalid example), except when none of the first
+    Missing ones are left to the pipeline (each one is an invalid example), except when none of the first
     few images has one: that is a wrong folder, reported now rather than as a million skipped examples.
     """
-    root = image_root(path)
-    segmentation_root = os.path.expanduser(str(segmentation_root))
-    if not _exists(segmentation_root):
-        raise FileNotFoundError(f"data.segmentation_path {segmentation_root} does not exist (expected a folder of "
-                                f"label maps paired with the images of {root})")
-    maps = [label_map_path(f, root, segmentation_root) for f in files]
-    head = maps[:_CHECKED_HEAD]
+    field = f"data.{field}"
+    root = image_root(path, field)
+    pair_root = os.path.expanduser(str(pair_root))
+    if not _exists(pair_root):
+        raise FileNotFoundError(f"{field} {pair_root} does not exist (expected a folder of {what}s paired with "
+                                f"the images of {root})")
+    purpose = f"{field} pairs each image with a {what}"
+    paired = [os.path.join(pair_root, os.path.splitext(relative_path(f, root, purpose))[0] + LABEL_MAP_EXTENSION)
+              for f in files]
+    head = paired[:_CHECKED_HEAD]
     if not any(_exists(p) for p in head):
         raise FileNotFoundError(
-            f"none of the first {len(head)} images under {root} has a label map under {segmentation_root}: "
-            f"e.g. {files[0]} needs {head[0]}. The label map of <data.path>/<rel>/<stem>.<ext> must be "
-            f"<data.segmentation_path>/<rel>/<stem>{LABEL_MAP_EXTENSION}")
-    return maps
+            f"none of the first {len(head)} images under {root} has a {what} under {pair_root}: e.g. {files[0]} "
+            f"needs {head[0]}. The {what} of <data.path>/<rel>/<stem>.<ext> must be "
+            f"<{field}>/<rel>/<stem>{LABEL_MAP_EXTENSION}")
+    return paired
+
+
+def label_maps(path: str, files: list[str], segmentation_root: str) -> list[str]:
+    """data.path, its image files -> the paired label map paths (data.segmentation_path), same order."""
+    return _paired_paths(path, files, segmentation_root, "segmentation_path", "label map")
+
+
+def depth_maps(path: str, files: list[str], depth_root: str) -> list[str]:
+    """data.path, its image files -> the paired depth map paths (data.depth_path), same order."""
+    return _paired_paths(path, files, depth_root, "depth_path", "depth map")
+
+
+# --- class folders (data.class_folders) ------------------------------------------------------------------
+
+def _subfolders(root: str) -> list[str]:
+    """The names of root's immediate subfolders (symlinked ones included)."""
+    if _is_remote(root):
+        from vqgan_jax.data._tf import tf
+
+        _, dirs, _ = next(iter(tf().io.gfile.walk(root)))
+        return [d.rstrip("/") for d in dirs]
+    with os.scandir(root) as entries:
+        return [e.name for e in entries if e.is_dir()]
+
+
+def _class_name(image: str, root: str) -> str:
+    """The top-level folder of image below root; ValueError if the image lies directly in root."""
+    rel = relative_path(image, root, "data.class_folders takes each image's class from its top-level folder")
+    name, sep, _ = rel.replace(os.sep, "/").partition("/")
+    if not sep:
+        raise ValueError(f"data.class_folders takes each image's class from its top-level subfolder of {root}, "
+                         f"but {image} lies directly in {root}; put every image in a class folder "
+                         f"(<root>/<class>/...)")
+    return name
+
+
+def class_names(path: str, files: list[str] | None = None) -> list[str]:
+    """data.path -> its sorted class names: a folder's top-level subfolders, as torchvision's ImageFolder
+    (a subfolder without images keeps its place, so indices do not depend on which images exist), or the
+    first path components of a file list's entries (relative to the list's folder).
+
+    files: the list's images when already read (saves reading it again); unused for folders.
+    """
+    path = os.path.expanduser(str(path))
+    root = image_root(path, "data.class_folders")
+    if _isdir(path):
+        return sorted(_subfolders(root))
+    if files is None:
+        files = read_file_list(path)
+    return sorted({_class_name(f, root) for f in files})
+
+
+def class_labels(path: str, files: list[str], classes: list[str]) -> list[int]:
+    """data.path (or eval_path), its image files, the class names to number by -> each file's class index.
+
+    ValueError naming the first image directly in the root folder, or the first whose class is not in
+    `classes` (an evaluation class the training data lacks).
+    """
+    root = image_root(path, "data.class_folders")
+    index = {name: i for i, name in enumerate(classes)}
+    labels = []
+    for f in files:
+        name = _class_name(f, root)
+        if name not in index:
+            raise ValueError(f"data.class_folders: the class {name!r} of {f} is not a class of the training data "
+                             f"({len(classes)} classes: {classes[:5]}{'...' if len(classes) > 5 else ''}); the "
+                             f"evaluation folders must use the training folder's class names")
+        labels.append(index[name])
+    return labels

@@ -26,6 +26,17 @@ device: one-hot maps would multiply the host-to-device traffic by n_labels. An e
 as an undecodable image, when its label map is missing or unreadable, is not single-channel, differs from
 the image in height or width, or holds a class >= data.n_labels; `skipped_reasons` counts each reason.
 
+Depth maps (data.depth_path, folder sources only) are paired by relative path in the same way, scaled to
+[-1, 1] (preprocess.decode_depth), resized like the image (antialiased bilinear) and given its crop and flip:
+batches gain "depth": float32 [B, size, size, 1]. A missing or unreadable depth map, one that is neither a
+grey PNG nor the original's RGBA-packed float32, or one whose height or width differs from the image's makes
+the example invalid, as for label maps.
+
+Class labels (data.label_key for TFDS, data.class_folders for folders) add "label": int32 [B]. A TFDS label
+is read with its record; a folder's labels are numbered at listing time (folder.class_labels), so they are
+a function of the file index and follow it through shuffling, sharding and resuming. Like every field, a
+label moves with its image when an invalid row is repaired, and is 0 in masked evaluation rows.
+
 Every batch also holds "crop": int32 [B, 4], (top, left, resized height, resized width) of each example's
 window in its resized image before the flip, and "flipped": bool [B], whether that window was mirrored:
 what a coordinate-conditioned model (the original's FacesHQ `coord`) needs to rebuild its positions.
@@ -33,6 +44,7 @@ what a coordinate-conditioned model (the original's FacesHQ `coord`) needs to re
 
 import collections
 import logging
+from typing import NamedTuple
 
 import numpy as np
 
@@ -48,11 +60,43 @@ _MASK63 = (1 << 63) - 1
 _LOGGED_KEYS = 20  # bad files named in the log and kept in `skipped_keys`; the rest are only counted
 
 # Why a decoded example is invalid: its `problem` (0: it is fine), and the names `skipped_reasons` counts.
-_UNREADABLE, _NOT_GREY, _WRONG_SIZE, _OUT_OF_RANGE = 1, 2, 3, 4
+_UNREADABLE, _NOT_GREY, _WRONG_SIZE, _OUT_OF_RANGE, _DEPTH_FORMAT, _DEPTH_SIZE = 1, 2, 3, 4, 5, 6
 _PROBLEM_NAMES = {_UNREADABLE: "unreadable", _NOT_GREY: "label_map_not_grey", _WRONG_SIZE: "label_map_size",
-                  _OUT_OF_RANGE: "label_out_of_range"}
+                  _OUT_OF_RANGE: "label_out_of_range", _DEPTH_FORMAT: "depth_map_format",
+                  _DEPTH_SIZE: "depth_map_size"}
 # Per-example fields of a batch as the iterators yield it (valid and problem only serve the repair / mask).
-_OUTPUT_KEYS = ("image", "segmentation", "crop", "flipped")
+_OUTPUT_KEYS = ("image", "segmentation", "depth", "label", "crop", "flipped")
+
+
+class _Extras(NamedTuple):
+    """The optional per-example inputs a pipeline carries besides the image (see `_extras`)."""
+    segmentation: cfg.Segmentation | None  # label maps (data.segmentation_path)
+    depth_path: str | None                 # depth maps (data.depth_path)
+    label_key: str | None                  # TFDS class feature (data.label_key)
+    class_folders: bool                    # folder classes (data.class_folders)
+
+    @property
+    def labels(self) -> bool:
+        """Whether batches carry class labels."""
+        return self.label_key is not None or self.class_folders
+
+
+def _extras(config) -> _Extras:
+    """The optional inputs `config` asks for; ValueError if one does not fit the source (see config.py)."""
+    return _Extras(cfg.segmentation(config), cfg.depth_path(config), cfg.label_key(config),
+                   cfg.class_folders(config))
+
+
+def _field_specs(size, extras) -> dict:
+    """{field: (shape, numpy dtype)} of one example's per-example fields, as the iterators yield them."""
+    specs = {"image": ((size, size, 3), np.float32), "crop": ((4,), np.int32), "flipped": ((), np.bool_)}
+    if extras.segmentation is not None:
+        specs["segmentation"] = ((size, size), np.uint8)
+    if extras.depth_path is not None:
+        specs["depth"] = ((size, size, 1), np.float32)
+    if extras.labels:
+        specs["label"] = ((), np.int32)
+    return specs
 
 
 def _derive_seed(seed: int, salt: int) -> int:
@@ -81,14 +125,11 @@ def _options(ds):
     return ds.with_options(options)
 
 
-def _blank(size, with_labels):
-    """The fields of an invalid example: zeros, which is what evaluation leaves in its masked rows."""
+def _blank(size, extras):
+    """The fields of an invalid example: zeros (label 0, not flipped), which is what evaluation leaves in its
+    masked rows."""
     T = tf()
-    out = {"image": T.zeros([size, size, 3], T.float32), "crop": T.zeros([4], T.int32),
-           "flipped": T.constant(False)}
-    if with_labels:
-        out["segmentation"] = T.zeros([size, size], T.uint8)
-    return out
+    return {k: T.zeros(shape, dtype) for k, (shape, dtype) in _field_specs(size, extras).items()}
 
 
 def _label_problem(labels, image, n_labels):
@@ -117,32 +158,54 @@ def _load_labels(path, image, segmentation):
     return labels, problem
 
 
-def _decode_all(ds, size, *, train_random_crop, flip, crop_seed, method, read_files, segmentation=None):
-    """{uid, data, key, index[, labels]} -> {image float32 [size, size, 3], crop int32 [4], flipped bool,
-    [segmentation uint8 [size, size],] valid bool, problem int32, key, index}, same order.
+def _load_depth(path, image):
+    """(depth float32 [H, W, 1] in [-1, 1], problem int32): the depth map of `image` (uint8 [H', W', 3]), or
+    zeros when it cannot be used."""
+    T = tf()
+    depth, usable = preprocess.decode_depth(T.io.read_file(path))
+    image_shape = T.shape(image)
+    same_size = T.reduce_all(T.equal(T.shape(depth)[:2], image_shape[:2]))
+    problem = T.where(~usable, _DEPTH_FORMAT, T.where(~same_size, _DEPTH_SIZE, 0))
+    # As for label maps: zeros of the image's shape keep an unusable example running through the same ops.
+    depth = T.cond(T.equal(problem, 0), lambda: depth,
+                   lambda: T.zeros(T.stack([image_shape[0], image_shape[1], 1]), T.float32))
+    return depth, problem
 
-    segmentation: a cfg.Segmentation; then `labels` holds each example's label map path. A file that cannot
-    be read or decoded, or an unusable label map, gives zeros with valid=False instead of an error.
+
+def _decode_all(ds, size, *, train_random_crop, flip, crop_seed, method, read_files, extras):
+    """{uid, data, key, index[, label_map, depth_map, label]} -> {image float32 [size, size, 3], crop int32
+    [4], flipped bool, [segmentation uint8 [size, size], depth float32 [size, size, 1], label int32,] valid
+    bool, problem int32, key, index}, same order.
+
+    extras: an _Extras; label_map and depth_map hold each example's paired file paths, label its class. A
+    file that cannot be read or decoded, or an unusable label or depth map, gives zeros with valid=False
+    instead of an error.
     """
     T = tf()
-    with_labels = segmentation is not None
 
     def load(el):
         image = preprocess.decode(T.io.read_file(el["data"]) if read_files else el["data"])
-        labels, problem = None, T.constant(0, T.int32)
-        if with_labels:
-            labels, problem = _load_labels(el["labels"], image, segmentation)
+        labels = depth = None
+        problem = T.constant(0, T.int32)
+        if extras.segmentation is not None:
+            labels, problem = _load_labels(el["label_map"], image, extras.segmentation)
+        if extras.depth_path is not None:
+            depth, depth_problem = _load_depth(el["depth_map"], image)
+            # One reason per example: the label map's, if it has one.
+            problem = T.where(T.equal(problem, 0), depth_problem, problem)
         seed = preprocess.example_seed(crop_seed, el["uid"])
-        out = preprocess.crop_example(image, size, labels=labels, random_crop=train_random_crop, flip=flip,
-                                      seed=seed, method=method)
+        out = preprocess.crop_example(image, size, labels=labels, depth=depth, random_crop=train_random_crop,
+                                      flip=flip, seed=seed, method=method)
+        if extras.labels:
+            out["label"] = el["label"]
         ok = T.equal(problem, 0)
-        out = T.cond(ok, lambda: out, lambda: _blank(size, with_labels))
+        out = T.cond(ok, lambda: out, lambda: _blank(size, extras))
         return {**out, "valid": ok, "problem": problem, "key": el["key"], "index": el["index"]}
 
     def one(el):
         # ignore_errors inside a one-element dataset turns the error into "no element", and the
         # placeholder then takes its place; the outer stream keeps exactly one element per input.
-        placeholder = {**_blank(size, with_labels), "valid": T.constant(False),
+        placeholder = {**_blank(size, extras), "valid": T.constant(False),
                        "problem": T.constant(_UNREADABLE, T.int32), "key": el["key"], "index": el["index"]}
         attempt = T.data.Dataset.from_tensors(el).map(graph_fn(load)).ignore_errors()
         return attempt.concatenate(T.data.Dataset.from_tensors(placeholder)).take(1)
@@ -154,25 +217,38 @@ def _decode_all(ds, size, *, train_random_crop, flip, crop_seed, method, read_fi
 class _Source:
     """What the iterators need from a folder or a TFDS dataset; built by `_open`."""
 
-    def __init__(self, kind, description, read_files, num_examples):
+    def __init__(self, kind, description, read_files, num_examples, extras):
         self.kind = kind
         self.description = description
         self.read_files = read_files    # elements hold file paths (folders) or encoded bytes (TFDS)
         self.num_examples = num_examples
+        self.extras = extras
 
 
 class _FolderSource(_Source):
-    def __init__(self, path, segmentation=None):
+    def __init__(self, path, extras, classes_path=None):
+        """path: data.path or data.eval_path; classes_path: the folder or list whose classes number the labels
+        (data.path when evaluating on data.eval_path), None for `path` itself."""
         self.files = folder_source.list_images(path)
-        # label_maps[i] is the label map of files[i]; None without data.segmentation_path.
-        self.label_maps = None
-        if segmentation is not None:
-            self.label_maps = folder_source.label_maps(path, self.files, segmentation.path)
-        super().__init__("folder", str(path), True, len(self.files))
+        # label_maps[i], depth_maps[i], labels[i] belong to files[i]; None when not asked for.
+        self.label_maps = self.depth_maps = self.classes = self.labels = None
+        if extras.segmentation is not None:
+            self.label_maps = folder_source.label_maps(path, self.files, extras.segmentation.path)
+        if extras.depth_path is not None:
+            self.depth_maps = folder_source.depth_maps(path, self.files, extras.depth_path)
+        if extras.class_folders:
+            # A list's own classes come from the files just read, rather than from reading it again.
+            self.classes = folder_source.class_names(classes_path or path, None if classes_path else self.files)
+            self.labels = np.asarray(folder_source.class_labels(path, self.files, self.classes), np.int32)
+        # The per-file element fields beside the path, each gathered with the file's index.
+        self.columns = {name: values for name, values in
+                        (("label_map", self.label_maps), ("depth_map", self.depth_maps), ("label", self.labels))
+                        if values is not None}
+        super().__init__("folder", str(path), True, len(self.files), extras)
 
     def train_stream(self, seed, start, process_index, process_count, shuffle_buffer, split):
-        """(stream of {uid, data: path, key, index[, labels: path]} from host position `start`, images per
-        host per epoch)."""
+        """(stream of {uid, data: path, key, index[, label_map: path, depth_map: path, label: int32]} from host
+        position `start`, images per host per epoch)."""
         del shuffle_buffer, split  # a folder has one split, and its order needs no buffer
         T = tf()
         n = len(self.files)
@@ -180,7 +256,7 @@ class _FolderSource(_Source):
         if per_host == 0:
             raise ValueError(f"{n} images in {self.description} cannot be shared by {process_count} processes")
         files = T.constant(self.files)
-        label_maps = None if self.label_maps is None else T.constant(self.label_maps)
+        columns = {name: T.constant(values) for name, values in self.columns.items()}
         order_seed = _derive_seed(seed, 1)
 
         def locate(j):
@@ -190,9 +266,7 @@ class _FolderSource(_Source):
                                                         max_index=T.constant(n - 1, T.int64))
             path = T.gather(files, index)
             el = {"uid": j * process_count + process_index, "data": path, "key": path, "index": index}
-            if label_maps is not None:
-                el["labels"] = T.gather(label_maps, index)
-            return el
+            return {**el, **{name: T.gather(values, index) for name, values in columns.items()}}
 
         stream = T.data.Dataset.range(start, 1 << 62).map(graph_fn(locate), num_parallel_calls=T.data.AUTOTUNE)
         return stream, per_host
@@ -206,23 +280,24 @@ class _FolderSource(_Source):
             return None, counts
         indices = indices.astype(np.int64)  # doubles as uid: evaluation draws no random numbers
         elements = {"data": paths, "key": paths, "index": indices, "uid": indices}
-        if self.label_maps is not None:
-            elements["labels"] = [self.label_maps[i] for i in indices]
+        elements.update({name: [values[i] for i in indices] for name, values in self.columns.items()})
         return T.data.Dataset.from_tensor_slices(elements), counts
 
 
 class _TFDSSource(_Source):
-    def __init__(self, name, data_dir, image_key):
+    def __init__(self, name, data_dir, image_key, extras):
         self.builder = tfds_source.load_builder(name, data_dir)
         self.image_key = image_key
-        super().__init__("tfds", f"TFDS {name}", False, None)
+        self.label_key = extras.label_key
+        super().__init__("tfds", f"TFDS {name}", False, None, extras)
 
     def _check(self, split):
-        tfds_source.check(self.builder, split, self.image_key)
+        tfds_source.check(self.builder, split, self.image_key, self.label_key)
         self.num_examples = tfds_source.num_examples(self.builder, split)
 
     def train_stream(self, seed, start, process_index, process_count, shuffle_buffer, split):
-        """(stream of {uid, data: encoded bytes, key, index} from host position `start`, records per host per epoch)."""
+        """(stream of {uid, data: encoded bytes, key, index[, label: int32]} from host position `start`, records
+        per host per epoch)."""
         T = tf()
         self._check(split)
         part = tfds_source.host_split(split, process_index, process_count, drop_remainder=True)
@@ -230,7 +305,7 @@ class _TFDSSource(_Source):
         if per_host == 0:
             raise ValueError(f"split {split!r} of {self.description} ({self.num_examples} examples) cannot be "
                              f"shared by {process_count} processes")
-        records = tfds_source.encoded_records(self.builder, part, self.image_key)
+        records = tfds_source.encoded_records(self.builder, part, self.image_key, self.label_key)
         buffer = max(1, min(int(shuffle_buffer), per_host))
         shuffle_seed = _derive_seed(seed, 3) % (2**31 - 1)
 
@@ -253,20 +328,21 @@ class _TFDSSource(_Source):
         part = tfds_source.host_split(split, process_index, process_count, drop_remainder=False)
         if counts[process_index] == 0:
             return None, counts
-        ds = tfds_source.encoded_records(self.builder, part, self.image_key).enumerate()
+        ds = tfds_source.encoded_records(self.builder, part, self.image_key, self.label_key).enumerate()
         ds = ds.map(graph_fn(lambda j, el: {**el, "uid": j, "index": T.constant(-1, T.int64)}))
         return ds, counts
 
 
-def _open(config, segmentation, eval_path=False):
+def _open(config, extras, eval_path=False):
     kind = cfg.source_kind(config)
     if kind == "folder":
-        path = cfg.get(config, "path")
+        path, classes_path = cfg.get(config, "path"), None
         if eval_path and cfg.get(config, "eval_path"):
-            # Its label maps are looked up under the same segmentation_path, by path relative to eval_path.
-            path = cfg.get(config, "eval_path")
-        return _FolderSource(path, segmentation)
-    return _TFDSSource(cfg.get(config, "name"), cfg.get(config, "data_dir"), cfg.get(config, "image_key"))
+            # Its label and depth maps are looked up under the same folders, by path relative to eval_path;
+            # its classes are numbered as the training data's, so that a label means one class in both.
+            path, classes_path = cfg.get(config, "eval_path"), cfg.get(config, "path")
+        return _FolderSource(path, extras, classes_path)
+    return _TFDSSource(cfg.get(config, "name"), cfg.get(config, "data_dir"), cfg.get(config, "image_key"), extras)
 
 
 class _Iterator:
@@ -279,22 +355,38 @@ class _Iterator:
         self.process_index = process_index
         self.process_count = process_count
         self.with_keys = with_keys
+        self.extras = source.extras
         self.files = getattr(source, "files", None)
         self.label_maps = getattr(source, "label_maps", None)  # label_maps[i] goes with files[i]
+        self.depth_maps = getattr(source, "depth_maps", None)  # so does depth_maps[i]
+        self.classes = getattr(source, "classes", None)        # class names, by label (data.class_folders)
         self.skipped = 0         # invalid examples met so far by this iterator
         self.skipped_keys = []   # the first few of them: file paths, or TFDS ids
         self.skipped_reasons = collections.Counter()  # "unreadable", "label_out_of_range", ...: counts
 
+    def _describe_unreadable(self, key, index) -> str:
+        """The log line of an example whose image or paired files could not be read or decoded."""
+        paired = [(what, files[index]) for what, files in (("label map", self.label_maps),
+                                                           ("depth map", self.depth_maps)) if files is not None]
+        if not paired:
+            return f"skipping an image that cannot be read or decoded: {key}"
+        for what, path in paired:
+            # Only logged examples get these stat calls, so their cost is bounded.
+            if not folder_source.exists(path):
+                return f"skipping {key}: its {what} {path} does not exist"
+        named = " or its ".join(f"{what} {path}" for what, path in paired)
+        return f"skipping {key}: the image or its {named} cannot be read or decoded"
+
     def _describe(self, key, index, problem) -> str:
         """The log line of one skipped example."""
-        if self.label_maps is None:
-            return f"skipping an image that cannot be read or decoded: {key}"
-        label_map = self.label_maps[index]
         if problem == _UNREADABLE:
-            # Only logged examples get this stat call, so its cost is bounded.
-            if not folder_source.exists(label_map):
-                return f"skipping {key}: its label map {label_map} does not exist"
-            return f"skipping {key}: the image or its label map {label_map} cannot be read or decoded"
+            return self._describe_unreadable(key, index)
+        if problem == _DEPTH_FORMAT:
+            return (f"skipping {key}: its depth map {self.depth_maps[index]} is neither a grey 8/16-bit PNG nor "
+                    f"an RGBA PNG packing finite float32 depths")
+        if problem == _DEPTH_SIZE:
+            return f"skipping {key}: its depth map {self.depth_maps[index]} differs from the image in height or width"
+        label_map = self.label_maps[index]
         if problem == _NOT_GREY:
             return f"skipping {key}: its label map {label_map} is not a single-channel (grey) image"
         if problem == _WRONG_SIZE:
@@ -330,15 +422,18 @@ class _Iterator:
 class TrainIterator(_Iterator):
     """Infinite iterator of {"image": float32 [local_batch_size, size, size, 3] in [-1, 1], "crop": int32
     [local_batch_size, 4], "flipped": bool [local_batch_size]}, plus "segmentation": uint8
-    [local_batch_size, size, size] with data.segmentation_path (see the module docstring).
+    [local_batch_size, size, size] with data.segmentation_path, "depth": float32 [local_batch_size, size,
+    size, 1] in [-1, 1] with data.depth_path, and "label": int32 [local_batch_size] with data.label_key or
+    data.class_folders (see the module docstring).
 
     With with_keys=True batches also hold "key" (bytes [B_local]: file path or TFDS id) and "index"
     (int64 [B_local]: the file's index in `files` for folders, -1 for TFDS), to check sharding and order;
     prefetch_to_device leaves those on the host.
 
     Attributes: step (the step of the next batch), skipped, skipped_keys, skipped_reasons, stats,
-    num_examples, examples_per_epoch (over all hosts), local_batch_size, and files and label_maps (folder
-    sources; label_maps is None without data.segmentation_path).
+    num_examples, examples_per_epoch (over all hosts), local_batch_size, and for folder sources files,
+    label_maps, depth_maps (None unless asked for) and classes (the class names by label with
+    data.class_folders, else None).
     """
 
     def __init__(self, ds, source, *, local_batch_size, start_step, per_host, process_index, process_count,
@@ -401,12 +496,13 @@ class TrainIterator(_Iterator):
 class EvalIterator(_Iterator):
     """One pass over the evaluation data: {"image": float32 [B_local, size, size, 3], "crop": int32
     [B_local, 4], "flipped": bool [B_local] (all False), "mask": bool [B_local]}, plus "segmentation": uint8
-    [B_local, size, size] with data.segmentation_path.
+    [B_local, size, size], "depth": float32 [B_local, size, size, 1] and "label": int32 [B_local] as in
+    TrainIterator.
 
     Every batch has the full local size. `mask` is False for padding (the last batch, and on hosts with
     fewer examples whole trailing batches, so that all hosts yield `len(iterator)` batches) and for
-    invalid examples (undecodable images, unusable label maps); those rows are zeros and must be left out
-    of metrics. `skipped` counts the invalid ones.
+    invalid examples (undecodable images, unusable label or depth maps); those rows are zeros (label 0) and
+    must be left out of metrics. `skipped` counts the invalid ones.
     """
 
     def __init__(self, ds, source, *, local_batch_size, num_batches, size, process_index, process_count,
@@ -422,13 +518,10 @@ class EvalIterator(_Iterator):
 
     def _padding(self):
         """A batch of local_batch_size rows that are all padding: zeros, valid False."""
-        b, s = self.local_batch_size, self.size
-        rows = {"image": np.zeros((b, s, s, 3), np.float32), "crop": np.zeros((b, 4), np.int32),
-                "flipped": np.zeros((b,), bool), "valid": np.zeros((b,), bool),
-                "key": np.full((b,), b"", object), "index": np.full((b,), -1, np.int64)}
-        if self.label_maps is not None:
-            rows["segmentation"] = np.zeros((b, s, s), np.uint8)
-        return rows
+        b = self.local_batch_size
+        rows = {k: np.zeros((b, *shape), dtype) for k, (shape, dtype) in _field_specs(self.size, self.extras).items()}
+        return {**rows, "valid": np.zeros((b,), bool), "key": np.full((b,), b"", object),
+                "index": np.full((b,), -1, np.int64)}
 
     def __next__(self):
         if self._done >= self.num_batches:
@@ -455,7 +548,7 @@ def train_iterator(config, global_batch_size: int, seed: int = 0, start_step: in
     """The training stream for `config` (the `data` ConfigDict), from batch `start_step` on.
 
     Yields {"image": float32 [global_batch_size // process_count, size, size, 3] in [-1, 1], "crop",
-    "flipped"[, "segmentation"]} forever (see TrainIterator): random crop (or center crop if
+    "flipped"[, "segmentation", "depth", "label"]} forever (see TrainIterator): random crop (or center crop if
     data.random_crop is False) and optional flip. The batches are a
     function of (config, seed, process_index, process_count, step) alone: start_step=k yields what an
     iterator started at 0 yields from its k-th batch on. process_index / process_count default to JAX's.
@@ -468,15 +561,15 @@ def train_iterator(config, global_batch_size: int, seed: int = 0, start_step: in
     method = cfg.get(config, "resize_method")
     if method not in preprocess.RESIZE_METHODS:
         raise ValueError(f"data.resize_method {method!r} is not one of {preprocess.RESIZE_METHODS}")
-    segmentation = cfg.segmentation(config)
-    source = _open(config, segmentation)
+    extras = _extras(config)
+    source = _open(config, extras)
     T = tf()
     start = start_step * local
     stream, per_host = source.train_stream(seed, start, process_index, process_count,
                                            cfg.get(config, "shuffle_buffer"), cfg.get(config, "split"))
     ds = _decode_all(stream, size, train_random_crop=bool(cfg.get(config, "random_crop")),
                      flip=bool(cfg.get(config, "flip")), crop_seed=_derive_seed(seed, 2), method=method,
-                     read_files=source.read_files, segmentation=segmentation)
+                     read_files=source.read_files, extras=extras)
     ds = _options(ds.batch(local, drop_remainder=True).prefetch(T.data.AUTOTUNE))
     return TrainIterator(ds, source, local_batch_size=local, start_step=start_step, per_host=per_host,
                          process_index=process_index, process_count=process_count, with_keys=with_keys)
@@ -489,15 +582,16 @@ def eval_iterator(config, batch_size: int, split: str | None = None, *, process_
     batch_size is global, like train_iterator's: each host yields batch_size // process_count rows per
     batch, padded at the end and marked by "mask" (see EvalIterator). TFDS reads `split` (default
     data.eval_split); folder sources read data.eval_path, or data.path when that is unset, and ignore
-    `split`. With data.eval_path, label maps are looked up under data.segmentation_path by the image's path
-    relative to data.eval_path.
+    `split`. With data.eval_path, label and depth maps are looked up under data.segmentation_path and
+    data.depth_path by the image's path relative to data.eval_path, and data.class_folders numbers its class
+    folders by data.path's class list (ValueError for a class that data.path lacks).
     """
     size = cfg.image_size(config)
     process_index, process_count = _process(process_index, process_count)
     local = cfg.local_batch_size(batch_size, process_count)
     method = cfg.get(config, "resize_method")
-    segmentation = cfg.segmentation(config)
-    source = _open(config, segmentation, eval_path=True)
+    extras = _extras(config)
+    source = _open(config, extras, eval_path=True)
     T = tf()
     if source.kind == "folder":
         stream, counts = source.eval_stream(process_index, process_count)
@@ -507,7 +601,7 @@ def eval_iterator(config, batch_size: int, split: str | None = None, *, process_
     ds = None
     if stream is not None:
         ds = _decode_all(stream, size, train_random_crop=False, flip=False, crop_seed=0, method=method,
-                         read_files=source.read_files, segmentation=segmentation)
+                         read_files=source.read_files, extras=extras)
         ds = _options(ds.batch(local).prefetch(T.data.AUTOTUNE))
     return EvalIterator(ds, source, local_batch_size=local, num_batches=num_batches, size=size,
                         process_index=process_index, process_count=process_count, with_keys=with_keys)

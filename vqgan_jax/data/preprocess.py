@@ -10,6 +10,9 @@ Label maps (the original's SegmentationBase) are resized to the image's resized 
 so every value stays a class id, then take the image's crop and flip. `crop_example` also reports the crop
 window, which is what the original's coordinate conditioning (FacesHQ `coord`) crops with the image.
 
+Depth maps (the original's ImageNet*WithDepth) are scaled to [-1, 1] (`decode_depth`), resized as images are
+(antialiased bilinear, not rounded: depth is not a uint8 image) and take the image's crop and flip.
+
 All functions take and return tensors and work both eagerly and inside `tf.data` maps.
 """
 
@@ -40,6 +43,49 @@ def decode_labels(encoded):
     labels = T.io.decode_image(encoded, channels=0, dtype=T.uint8, expand_animations=False)
     labels.set_shape([None, None, None])
     return labels
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_GREY, _PNG_RGBA = 0, 6  # IHDR colour types
+
+
+def decode_depth(encoded):
+    """encoded depth map (PNG bytes) -> (depth float32 [H, W, 1] in [-1, 1], usable bool []).
+
+    Two encodings, told apart by the PNG header (bit depth at byte 24, colour type at byte 25):
+      * grey, 8 or 16 bits: depth = 2 * value / max - 1 with max = 255 or 65535, a fixed scale, so that
+        depths stay comparable between maps. decode_png to uint16 widens an 8-bit v to 257 * v, so one
+        division by 65535 serves both.
+      * RGBA, 8 bits: the original's files (taming's rgba_to_depth), whose four bytes per pixel are one
+        float32 (host byte order, little-endian on x86 and ARM), scaled per map as the original's
+        preprocess_depth: 2 * (d - min) / max(1e-8, max - min) - 1.
+    Any other PNG (RGB, palette, grey + alpha, 16-bit RGBA), a file that is not a PNG, or a packed map with
+    NaN or inf gives usable=False and an empty map. Raises InvalidArgumentError on truncated or corrupt bytes.
+    """
+    T = tf()
+    header = T.io.decode_raw(T.strings.substr(encoded, 0, 26), T.uint8)
+    # Indexing raises on a header shorter than 26 bytes: that file is unreadable, not of another format.
+    bit_depth, colour = T.cast(header[24], T.int32), T.cast(header[25], T.int32)
+    is_png = T.equal(T.strings.substr(encoded, 0, 8), PNG_SIGNATURE)
+    grey = is_png & T.equal(colour, _PNG_GREY)
+    packed = is_png & T.equal(colour, _PNG_RGBA) & T.equal(bit_depth, 8)
+
+    def from_grey():
+        depth = T.io.decode_png(encoded, channels=1, dtype=T.uint16)
+        return T.cast(depth, T.float32) * (2.0 / 65535.0) - 1.0, T.constant(True)
+
+    def from_packed():
+        depth = T.bitcast(T.io.decode_png(encoded, channels=4, dtype=T.uint8), T.float32)[..., None]
+        low, high = T.reduce_min(depth), T.reduce_max(depth)
+        depth = (depth - low) / T.maximum(high - low, 1e-8) * 2.0 - 1.0
+        return depth, T.reduce_all(T.math.is_finite(depth))
+
+    def unusable():
+        return T.zeros([0, 0, 1], T.float32), T.constant(False)
+
+    depth, usable = T.cond(grey, from_grey, lambda: T.cond(packed, from_packed, unusable))
+    depth.set_shape([None, None, 1])
+    return depth, usable
 
 
 def shift_labels(labels):
@@ -87,6 +133,22 @@ def resize_labels_smaller_side(labels, size):
     unchanged = T.logical_and(T.equal(new_h, shape[0]), T.equal(new_w, shape[1]))
     return T.cond(unchanged, lambda: labels,
                   lambda: T.image.resize(labels, T.stack([new_h, new_w]), method="nearest"))
+
+
+def resize_depth_smaller_side(depth, size):
+    """depth: float32 [H, W, 1] in [-1, 1] -> float32 [H', W', 1] of the shape resize_smaller_side gives.
+
+    Always antialiased bilinear, as the original resizes depth (cv2 bilinear, like its images): bicubic or
+    lanczos would overshoot at depth edges. Bilinear weights are non-negative, so the clip only absorbs
+    float rounding.
+    """
+    T = tf()
+    shape = T.shape(depth)
+    new_h, new_w = smaller_side_shape(shape[0], shape[1], size)
+    unchanged = T.logical_and(T.equal(new_h, shape[0]), T.equal(new_w, shape[1]))
+    resized = T.cond(unchanged, lambda: depth, lambda: T.image.resize(
+        depth, T.stack([new_h, new_w]), method="bilinear", antialias=True))
+    return T.clip_by_value(resized, -1.0, 1.0)
 
 
 def center_crop_offsets(height, width, size):
@@ -163,16 +225,19 @@ def crop_window(height, width, size, *, random_crop=False, flip=False, seed=None
     return top, left, flipped
 
 
-def crop_example(image, size, *, labels=None, random_crop=False, flip=False, seed=None, method="bilinear"):
-    """A decoded image (uint8 [H, W, 3]) and optionally its label map (uint8 [H, W, 1]) -> one example:
+def crop_example(image, size, *, labels=None, depth=None, random_crop=False, flip=False, seed=None,
+                 method="bilinear"):
+    """A decoded image (uint8 [H, W, 3]), optionally its label map (uint8 [H, W, 1]) and its depth map
+    (float32 [H, W, 1] in [-1, 1]) -> one example:
 
       image         float32 [size, size, 3] in [-1, 1]
       crop          int32 [4]: (top, left, resized height, resized width), the window in the resized image
                     before any flip
       flipped       bool []: the crop was mirrored left-right
       segmentation  uint8 [size, size] class ids, with `labels` only: the same window and flip
+      depth         float32 [size, size, 1] in [-1, 1], with `depth` only: the same window and flip
 
-    The label map must have the image's height and width (the caller checks).
+    Label and depth maps must have the image's height and width (the caller checks).
     """
     if method not in RESIZE_METHODS:
         raise ValueError(f"unknown resize method {method!r}; choose one of {RESIZE_METHODS}")
@@ -185,6 +250,9 @@ def crop_example(image, size, *, labels=None, random_crop=False, flip=False, see
     if labels is not None:
         labels = crop(resize_labels_smaller_side(labels, size), size, top, left)
         out["segmentation"] = flip_if(labels, flipped)[..., 0]
+    if depth is not None:
+        depth = crop(resize_depth_smaller_side(depth, size), size, top, left)
+        out["depth"] = flip_if(depth, flipped)
     return out
 
 

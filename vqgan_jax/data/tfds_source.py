@@ -92,8 +92,9 @@ def load_builder(name: str, data_dir: str | None = None):
     return tfds.builder_from_directory(builder_dir)
 
 
-def check(builder, split: str, image_key: str) -> None:
-    """ValueError naming the alternatives if `split` or `image_key` is not in the dataset."""
+def check(builder, split: str, image_key: str, label_key: str | None = None) -> None:
+    """ValueError naming the alternatives if `split`, `image_key` or `label_key` is not in the dataset, or if
+    `label_key` is not an integer scalar (a class)."""
     try:
         builder.info.splits[split]
     except (KeyError, ValueError) as e:
@@ -103,6 +104,16 @@ def check(builder, split: str, image_key: str) -> None:
     if image_key not in features:
         raise ValueError(f"TFDS dataset {builder.name!r} has no feature {image_key!r} (data.image_key); its "
                          f"features are {sorted(features.keys())}")
+    if label_key is None:
+        return
+    if label_key not in features:
+        raise ValueError(f"TFDS dataset {builder.name!r} has no feature {label_key!r} (data.label_key); its "
+                         f"features are {sorted(features.keys())}")
+    feature = features[label_key]
+    if tuple(feature.shape) != () or not tf().as_dtype(feature.dtype).is_integer:
+        raise ValueError(f"data.label_key={label_key!r} must name an integer scalar feature (a class) of TFDS "
+                         f"dataset {builder.name!r}; it is {type(feature).__name__} of shape {feature.shape} "
+                         f"and dtype {feature.dtype}")
 
 
 def host_split(split: str, process_index: int, process_count: int, drop_remainder: bool):
@@ -118,8 +129,9 @@ def num_examples(builder, split) -> int:
     return builder.info.splits[split].num_examples
 
 
-def encoded_records(builder, split, image_key: str):
-    """tf.data.Dataset of {"data": encoded image bytes, "key": tfds_id string}, in the split's fixed order.
+def encoded_records(builder, split, image_key: str, label_key: str | None = None):
+    """tf.data.Dataset of {"data": encoded image bytes, "key": tfds_id string[, "label": int32 class]}, in the
+    split's fixed order; "label" is feature `label_key`, when given.
 
     Images stay encoded (SkipDecoding) so that shuffling, skipping on resume and dropping undecodable
     records all happen before any pixel is decoded.
@@ -129,4 +141,12 @@ def encoded_records(builder, split, image_key: str):
     read_config = tfds.ReadConfig(add_tfds_id=True, try_autocache=False)
     ds = builder.as_dataset(split=split, shuffle_files=False, read_config=read_config,
                             decoders={image_key: tfds.decode.SkipDecoding()})
-    return ds.map(graph_fn(lambda ex: {"data": ex[image_key], "key": ex["tfds_id"]}))
+    T = tf()
+
+    def select(ex):
+        record = {"data": ex[image_key], "key": ex["tfds_id"]}
+        if label_key is not None:
+            record["label"] = T.cast(ex[label_key], T.int32)
+        return record
+
+    return ds.map(graph_fn(select))
