@@ -282,3 +282,27 @@ def test_missing_first_stage_is_named(tiny_first_stage, tmp_path):
     config.first_stage.checkpoint = ""
     with pytest.raises(ValueError, match="first_stage.checkpoint is not set"):
         run(config, str(tmp_path / "run"))
+
+
+def test_condition_tokens_for_each_kind():
+    import ml_collections
+
+    from vqgan_jax.models import VQGAN
+
+    b = 2
+    batch = {"image": jnp.zeros((b, 16, 16, 3)), "label": jnp.array([7, 3]),
+             "crop": jnp.array([[0, 0, 16, 16], [0, 0, 16, 16]]),
+             "segmentation": jnp.array(np.random.default_rng(0).integers(0, 5, (b, 16, 16)), jnp.uint8),
+             "depth": jnp.zeros((b, 16, 16, 1))}
+    cfg = lambda kind: ml_collections.ConfigDict(dict(kind=kind, sos_token=4, n_embed=64, down_factor=8))  # noqa: E731
+    np.testing.assert_array_equal(net2net.cond_tokens(cfg("sos"), batch), [[4], [4]])
+    np.testing.assert_array_equal(net2net.cond_tokens(cfg("class"), batch), [[7], [3]])
+    assert net2net.cond_tokens(cfg("coord"), batch).shape == (b, 4)
+    seg_vq = VQGAN(ch=32, ch_mult=(1, 1), num_res_blocks=1, attn_resolutions=(), resolution=16, z_channels=4,
+                   embed_dim=4, n_embed=16, in_channels=5, out_ch=5)
+    params = seg_vq.init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 5)))["params"]
+    tokens = net2net.cond_tokens(cfg("segmentation"), batch, seg_vq, params)
+    onehot = jax.nn.one_hot(batch["segmentation"], 5)
+    np.testing.assert_array_equal(tokens, seg_vq.apply({"params": params}, onehot, method=seg_vq.encode)[1].reshape(b, -1))
+    with pytest.raises(ValueError, match="unknown cond_stage.kind"):
+        net2net.cond_tokens(cfg("text"), batch)
