@@ -1,0 +1,141 @@
+"""Sampling: exact greedy parity with the original (plain and sliding-window), and what the filters,
+seeds, guidance, completion and in-painting must guarantee."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import vqgan_jax as vj
+from vqgan_jax.sampling import filters, sample, sample_windowed
+from vqgan_jax.sampling.windowed import window_start
+
+
+@pytest.fixture(scope="module")
+def small_gpt(taming):
+    return vj.convert.gpt_from_taming(taming.state("gpt"), taming.gpt_params())
+
+
+@pytest.fixture(scope="module")
+def window_gpt(taming):
+    return vj.convert.gpt_from_taming(taming.state("window"), taming.gpt_params("window"))
+
+
+def test_sample_greedy_reproduces_the_original(taming, small_gpt):
+    gpt, params = small_gpt
+    out = sample(gpt, params, taming["gpt/greedy_cond"], steps=taming["gpt/greedy"].shape[1],
+                 rng=jax.random.PRNGKey(0), greedy=True)
+    np.testing.assert_array_equal(out, taming["gpt/greedy"])
+
+
+def test_sample_windowed_greedy_reproduces_the_original(taming, window_gpt):
+    gpt, params = window_gpt
+    cond = taming["window/cond"]
+    out = sample_windowed(gpt, params, cond, shape=cond.shape[1:], rng=jax.random.PRNGKey(0),
+                          window=taming.meta["window"]["window"], greedy=True)
+    np.testing.assert_array_equal(out, taming["window/sample"])
+
+
+def test_window_placement_is_the_originals():
+    # scripts/sample_conditional.py with a 16 window: local = k (k <= 8), 16 - (size - k) near the end, else 8.
+    assert [window_start(k, 19, 16) for k in range(19)] == [0] * 9 + [1, 2, 3] + [3] * 7
+    assert [window_start(k, 16, 16) for k in range(16)] == [0] * 16
+
+
+def test_top_k_and_top_p_keep_what_they_must():
+    logits = jnp.array([[3.0, 1.0, 2.0, 0.0, 2.0]])
+    np.testing.assert_array_equal(jnp.isfinite(filters.top_k_filter(logits, 2)), [[1, 0, 1, 0, 1]])  # ties kept
+    probs = jax.nn.softmax(logits)[0]  # 0.52, 0.07, 0.19, 0.03, 0.19 (rounded)
+    assert 0.5 < probs[0] < 0.6
+    np.testing.assert_array_equal(jnp.isfinite(filters.top_p_filter(logits, 0.6)), [[1, 0, 1, 0, 1]])
+    np.testing.assert_array_equal(jnp.isfinite(filters.top_p_filter(logits, 0.5)), [[1, 0, 0, 0, 0]])
+    np.testing.assert_array_equal(jnp.isfinite(filters.top_p_filter(logits, 1.0)), [[1, 1, 1, 1, 1]])
+
+
+def _teacher_forced_logits(gpt, params, cond, codes):
+    sequence = jnp.concatenate([jnp.asarray(cond), codes], axis=1)[:, :-1]
+    return gpt.apply({"params": params}, sequence)[:, cond.shape[1] - 1:]
+
+
+@pytest.mark.parametrize("top_k, top_p", [(3, None), (None, 0.3), (8, 0.3)])
+def test_only_allowed_tokens_are_drawn(small_gpt, top_k, top_p):
+    gpt, params = small_gpt
+    cond = jnp.array([[3], [7], [1], [2]])
+    codes = sample(gpt, params, cond, steps=40, rng=jax.random.PRNGKey(5), top_k=top_k, top_p=top_p,
+                   temperature=1.3)
+    logits = _teacher_forced_logits(gpt, params, cond, codes)
+    allowed = jnp.isfinite(filters.filter_logits(logits.reshape(-1, gpt.vocab_size), 1.3, top_k, top_p))
+    assert bool(jnp.all(jnp.take_along_axis(allowed, codes.reshape(-1, 1), axis=1)))
+    if top_k:  # the filter really removes something
+        assert int(allowed.sum(-1).max()) <= top_k
+
+
+def test_fixed_seed_gives_the_same_sample(small_gpt):
+    gpt, params = small_gpt
+    cond = jnp.array([[3], [7]])
+    a = sample(gpt, params, cond, steps=30, rng=jax.random.PRNGKey(1), top_k=10)
+    b = sample(gpt, params, cond, steps=30, rng=jax.random.PRNGKey(1), top_k=10)
+    c = sample(gpt, params, cond, steps=30, rng=jax.random.PRNGKey(2), top_k=10)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_guidance_scale_one_is_no_guidance_and_other_scales_mix_the_two_branches(small_gpt):
+    gpt, params = small_gpt
+    cond = jnp.array([[3], [7]])
+    plain = sample(gpt, params, cond, steps=20, rng=jax.random.PRNGKey(4), top_k=10)
+    np.testing.assert_array_equal(sample(gpt, params, cond, steps=20, rng=jax.random.PRNGKey(4), top_k=10,
+                                         cfg_scale=1.0), plain)
+    scale = 3.0
+    guided = sample(gpt, params, cond, steps=20, rng=jax.random.PRNGKey(4), greedy=True, cfg_scale=scale)
+    null = jnp.full_like(cond, gpt.vocab_size - 1)
+    c_logits = _teacher_forced_logits(gpt, params, cond, guided)
+    u_logits = _teacher_forced_logits(gpt, params, null, guided)
+    np.testing.assert_array_equal(guided, jnp.argmax(u_logits + scale * (c_logits - u_logits), axis=-1))
+
+
+def test_completion_keeps_the_given_codes_and_continues_greedily(taming, small_gpt):
+    gpt, params = small_gpt
+    full = taming["gpt/greedy"]
+    given = full[:, :30].copy()
+    given[:, 29] = (given[:, 29] + 1) % gpt.vocab_size  # a change the continuation must follow
+    out = sample(gpt, params, taming["gpt/greedy_cond"], steps=50, rng=jax.random.PRNGKey(0), greedy=True,
+                 given=given)
+    np.testing.assert_array_equal(out[:, :30], given)
+    logits = _teacher_forced_logits(gpt, params, jnp.asarray(taming["gpt/greedy_cond"]), out)
+    np.testing.assert_array_equal(out[:, 30:], jnp.argmax(logits, -1)[:, 30:])
+
+
+def test_windowed_with_a_token_prefix_on_one_window_equals_plain_sampling(window_gpt):
+    gpt, params = window_gpt
+    cond = jnp.array([[5], [9]])
+    grid = sample_windowed(gpt, params, cond, shape=(16, 16), rng=jax.random.PRNGKey(0), greedy=True)
+    plain = sample(gpt, params, cond, steps=256, rng=jax.random.PRNGKey(0), greedy=True)
+    np.testing.assert_array_equal(grid.reshape(2, -1), plain)
+
+
+def test_windowed_inpainting_keeps_the_codes_outside_the_mask(taming, window_gpt):
+    gpt, params = window_gpt
+    cond = taming["window/cond"]
+    init = taming["window/sample"]
+    mask = np.zeros(init.shape, bool)
+    mask[:, 5:9, 10:20] = True
+    out = np.asarray(sample_windowed(gpt, params, cond, shape=cond.shape[1:], rng=jax.random.PRNGKey(3),
+                                     top_k=5, init=init, mask=mask))
+    np.testing.assert_array_equal(out[~mask], init[~mask])
+    assert not np.array_equal(out[mask], init[mask])
+
+
+def test_bad_requests_are_named(small_gpt, window_gpt):
+    gpt, params = small_gpt
+    with pytest.raises(ValueError, match="exceed block_size"):
+        sample(gpt, params, jnp.array([[3]]), steps=gpt.block_size + 1, rng=jax.random.PRNGKey(0))
+    with pytest.raises(ValueError, match="out of range"):
+        sample(gpt, params, jnp.array([[gpt.vocab_size]]), steps=4, rng=jax.random.PRNGKey(0))
+    with pytest.raises(ValueError, match="top_p"):
+        sample(gpt, params, jnp.array([[3]]), steps=4, rng=jax.random.PRNGKey(0), top_p=0.0)
+    wgpt, wparams = window_gpt
+    with pytest.raises(ValueError, match="smaller than the window"):
+        sample_windowed(wgpt, wparams, jnp.array([[3]]), shape=(8, 20), rng=jax.random.PRNGKey(0))
+    with pytest.raises(ValueError, match="must have the sampled shape"):
+        sample_windowed(wgpt, wparams, jnp.zeros((1, 16, 17), jnp.int32), shape=(16, 16), rng=jax.random.PRNGKey(0))

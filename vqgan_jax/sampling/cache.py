@@ -1,0 +1,51 @@
+"""The GPT's key/value cache as a pytree: created empty, filled by forward calls, its length set by hand
+(the windowed sampler installs a precomputed prefix and rewinds after padded chunks)."""
+
+import jax
+import jax.numpy as jnp
+
+_LENGTH_LEAVES = ("cache_index", "position")
+
+
+def decoder(gpt):
+    """The same GPT in decoding mode (same parameters)."""
+    return gpt.clone(decode=True, parent=None)
+
+
+def empty_cache(dec, batch: int):
+    """Zeroed cache for `batch` sequences of up to block_size positions (no forward pass is run)."""
+    tokens = jnp.zeros((batch, dec.block_size), jnp.int32)
+    shapes = jax.eval_shape(lambda: dec.init(jax.random.PRNGKey(0), tokens)["cache"])
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+
+def _name(path) -> str:
+    return getattr(path[-1], "key", str(path[-1]))
+
+
+def set_length(cache, n):
+    """The cache with its write position (every layer's index and the positional offset) set to n."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, leaf: jnp.asarray(n, leaf.dtype) if _name(path) in _LENGTH_LEAVES else leaf, cache)
+
+
+def forward(dec, params, cache, tokens):
+    """tokens: int32 [B, t] at the cache's position -> (logits [B, t, V], cache advanced by t)."""
+    logits, updated = dec.apply({"params": params, "cache": cache}, tokens, mutable=["cache"])
+    return logits, updated["cache"]
+
+
+def keys_values(cache, n: int):
+    """The first n positions of every layer's keys and values: a pytree like `cache` with [B, n, H, hd]
+    leaves (and the length leaves unchanged)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, leaf: leaf if _name(path) in _LENGTH_LEAVES else leaf[:, :n], cache)
+
+
+def install(cache, prefix, n):
+    """Writes a `keys_values` prefix into positions [0, n) of `cache` and sets its length to n."""
+    def put(path, leaf, pre):
+        if _name(path) in _LENGTH_LEAVES:
+            return jnp.asarray(n, leaf.dtype)
+        return jax.lax.dynamic_update_slice(leaf, pre.astype(leaf.dtype), (0,) * leaf.ndim)
+    return jax.tree_util.tree_map_with_path(put, cache, prefix)

@@ -1,0 +1,85 @@
+"""KV-cached autoregressive sampling as one compiled program: the condition (and any given codes) fill the
+cache in one forward pass, then a `lax.fori_loop` draws one code per iteration and appends it to the
+preallocated cache in place. Shapes are static, so nothing recompiles from one step to the next."""
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+
+from vqgan_jax.models.checks import check_codes
+from vqgan_jax.sampling.cache import decoder, empty_cache, forward
+from vqgan_jax.sampling.filters import draw, filter_logits
+
+
+def null_condition(gpt, cond):
+    """The condition of the unconditional branch of classifier-free guidance: the null token (the
+    vocabulary's last entry, see vqgan_jax.net2net) in every position."""
+    return jnp.full_like(cond, gpt.vocab_size - 1)
+
+
+def guide(logits, scale):
+    """logits: [2B, V], conditional rows first -> [B, V] = uncond + scale * (cond - uncond)."""
+    cond, uncond = jnp.split(logits, 2, axis=0)
+    return uncond + scale * (cond - uncond)
+
+
+@partial(jax.jit, static_argnames=("gpt", "steps", "top_k", "use_top_p", "greedy", "guided"))
+def _sample(gpt, params, cond, given, rng, temperature, top_p, cfg_scale, *, steps, top_k, use_top_p, greedy,
+            guided):
+    dec = decoder(gpt)
+    b, m = cond.shape[0], given.shape[1]
+    prefix = jnp.concatenate([cond, given], axis=1)
+    if guided:
+        prefix = jnp.concatenate([prefix, jnp.concatenate([null_condition(gpt, cond), given], axis=1)])
+    logits, cache = forward(dec, params, empty_cache(dec, prefix.shape[0]), prefix)
+
+    def pick(t, last):
+        last = guide(last, cfg_scale) if guided else last
+        last = filter_logits(last, temperature, top_k, top_p if use_top_p else None)
+        return draw(jax.random.fold_in(rng, t), last, greedy)
+
+    def body(t, carry):
+        cache, last, out = carry
+        token = pick(t, last)
+        out = out.at[:, t].set(token)
+        logits, cache = forward(dec, params, cache, jnp.tile(token, 2 if guided else 1)[:, None])
+        return cache, logits[:, -1], out
+
+    out = jnp.zeros((b, steps), jnp.int32).at[:, :m].set(given)
+    _, last, out = jax.lax.fori_loop(m, steps - 1, body, (cache, logits[:, -1], out))
+    return out.at[:, steps - 1].set(pick(steps - 1, last)) if m < steps else out
+
+
+def sample(gpt, params, cond, steps: int, rng, temperature: float = 1.0, top_k: int | None = None,
+           top_p: float | None = None, greedy: bool = False, given=None, cfg_scale: float = 1.0):
+    """Draws `steps` codes after the condition, with the GPT's KV cache, in one jitted program.
+
+    gpt: the GPT module (decoding mode is switched on here); params its parameters.
+    cond: int [B, n] condition tokens placed before the codes (a class label, an SOS token, coordinate or
+      segmentation codes); n >= 1.
+    given: optional int [B, m], m <= steps: the first m codes, kept (image completion); the rest are drawn.
+    temperature, top_k (keep the k most likely), top_p (nucleus; usable with or without top_k), greedy
+      (argmax; the filters then change nothing). cfg_scale != 1: classifier-free guidance against the
+      null condition, for models trained with cond_drop (the batch runs twice).
+    -> int32 [B, steps] codes in raster order (reshape to the code grid, decode with the VQGAN).
+    """
+    cond = jnp.asarray(cond)
+    given = jnp.zeros((cond.shape[0], 0), jnp.int32) if given is None else jnp.asarray(given)
+    check_codes(cond, gpt.vocab_size, "cond")
+    check_codes(given, gpt.vocab_size, "given codes")
+    if cond.ndim != 2 or cond.shape[1] < 1:
+        raise ValueError(f"cond must be int [B, n] with n >= 1 tokens, got shape {tuple(cond.shape)}")
+    if given.ndim != 2 or given.shape[0] != cond.shape[0] or given.shape[1] > steps:
+        raise ValueError(f"given must be int [B, m] with B = {cond.shape[0]} and m <= steps = {steps}, "
+                         f"got shape {tuple(given.shape)}")
+    if cond.shape[1] + steps - 1 > gpt.block_size:
+        raise ValueError(f"{cond.shape[1]} condition tokens + {steps} codes exceed block_size={gpt.block_size}; "
+                         f"sample larger grids with sample_windowed")
+    if top_k is not None and not 1 <= top_k:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    return _sample(gpt, params, cond.astype(jnp.int32), given.astype(jnp.int32), rng,
+                   jnp.float32(temperature), jnp.float32(top_p or 1.0), jnp.float32(cfg_scale), steps=steps,
+                   top_k=top_k, use_top_p=top_p is not None, greedy=greedy, guided=cfg_scale != 1.0)

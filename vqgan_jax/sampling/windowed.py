@@ -1,0 +1,157 @@
+"""Sliding-window sampling of code grids larger than the GPT's window, as one jitted program.
+
+Window placement is the original's (scripts/sample_conditional.py): for the code at (i, j) the window
+starts at i - li, j - lj with li = i near the top, window - (H - i) near the bottom and window // 2 in
+between (the same for columns), so the window always lies inside the grid. The model sees the
+condition (the conditioning grid cropped with the window, or a fixed token prefix) followed by the
+window's codes in raster order, and predicts the code at the window position p = li * window + lj.
+
+What is computed once instead of once per position (the original runs the whole 2 * window**2 - 1 token
+sequence for every code):
+  * the condition's keys and values: they depend on the condition crop alone (it comes first and
+    attention is causal), so they are computed for every window column of a row band at once, whenever
+    the band moves (17 x 17 crops for a 32x32 grid and a 16 window, instead of 1024), and installed in
+    the cache when the window moves;
+  * the window's codes before p: when the window moves they are run in chunks of `window` tokens on top
+    of the installed condition; while the window stays put (the first window // 2 + 1 and the last
+    window // 2 columns of every row, the whole top and bottom bands) each new code costs one token.
+"""
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vqgan_jax.models.checks import check_codes
+from vqgan_jax.sampling.cache import decoder, empty_cache, forward, install, keys_values, set_length
+from vqgan_jax.sampling.filters import draw, filter_logits
+
+
+def window_start(k: int, size: int, window: int) -> int:
+    """The first row (column) of the window that samples row (column) k of a grid of `size`."""
+    half = window // 2
+    if k <= half:
+        local = k
+    elif size - k < half:
+        local = window - (size - k)
+    else:
+        local = half
+    return k - local
+
+
+def placement(shape, window: int):
+    """Static tables: row_start [H], col_start [W] (window origins) and, in raster order, moved [H * W]
+    (the window differs from the previous position's)."""
+    h, w = shape
+    rows = np.array([window_start(i, h, window) for i in range(h)])
+    cols = np.array([window_start(j, w, window) for j in range(w)])
+    starts = [(r, c) for r in rows for c in cols]
+    moved = np.array([k == 0 or starts[k] != starts[k - 1] for k in range(len(starts))])
+    return rows, cols, moved
+
+
+@partial(jax.jit, static_argnames=("gpt", "shape", "window", "top_k", "use_top_p", "greedy", "grid_cond"))
+def _sample_windowed(gpt, params, cond, init, mask, rng, temperature, top_p, *, shape, window, top_k,
+                     use_top_p, greedy, grid_cond):
+    dec = decoder(gpt)
+    h, w = shape
+    b = init.shape[0]
+    area = window * window
+    rows, cols, moved = placement(shape, window)
+    n_cols = int(cols.max()) + 1 if grid_cond else 1  # distinct window columns (one prefix without a grid)
+    rows, cols, moved = jnp.asarray(rows), jnp.asarray(cols), jnp.asarray(moved)
+    n = area if grid_cond else cond.shape[1]
+
+    def prefixes(row0):
+        """Keys/values and next-code logits of the condition for every window column: leaves
+        [n_cols, B, n, heads, head_dim], logits [n_cols, B, V]."""
+        if grid_cond:
+            band = jax.lax.dynamic_slice_in_dim(cond, row0, window, axis=1)
+            tokens = jnp.stack([band[:, :, c:c + window].reshape(b, area) for c in range(n_cols)])
+        else:
+            tokens = cond[None]
+        logits, cache = forward(dec, params, empty_cache(dec, n_cols * b), tokens.reshape(n_cols * b, n))
+        kv = jax.tree.map(lambda a: a.reshape(n_cols, b, *a.shape[1:]) if a.ndim else a, keys_values(cache, n))
+        return kv, logits[:, -1].reshape(n_cols, b, -1)
+
+    def prefill(cache, band, band_logits, col, window_codes, p):
+        """Installs the condition of window column `col`, runs the window's codes [0, p) on it in chunks
+        -> (cache of length n + p, logits predicting code p)."""
+        cache = install(cache, jax.tree.map(lambda a: a[col] if a.ndim else a, band), n)
+
+        def chunk(c, carry):
+            cache, last = carry
+            tokens = jax.lax.dynamic_slice_in_dim(window_codes, c * window, window, axis=1)
+            logits, cache = forward(dec, params, cache, tokens)
+            # The chunk that holds code p - 1 gives the prediction of code p.
+            holds = (p - 1) // window == c
+            return cache, jnp.where(holds, logits[:, (p - 1) % window], last)
+
+        cache, last = jax.lax.fori_loop(0, (p + window - 1) // window, chunk, (cache, band_logits[col]))
+        return set_length(cache, n + p), last  # the last chunk's padding lies beyond the length: unused
+
+    def position(k, carry):
+        grid, cache, band, band_logits, last = carry
+        i, j = k // w, k % w
+        row0, col0 = rows[i], cols[j]
+        # A new row band: the condition prefixes move with it.
+        new_band = grid_cond & (j == 0) & ((i == 0) | (row0 != rows[jnp.maximum(i - 1, 0)]))
+        band, band_logits = jax.lax.cond(new_band, lambda: prefixes(row0), lambda: (band, band_logits))
+        p = (i - row0) * window + (j - col0)
+        window_codes = jax.lax.dynamic_slice(grid, (0, row0, col0), (b, window, window)).reshape(b, area)
+
+        def step():
+            # Same window: append the code just drawn (at window position p - 1).
+            token = jax.lax.dynamic_slice_in_dim(window_codes, p - 1, 1, axis=1)
+            logits, new = forward(dec, params, cache, token)
+            return new, logits[:, -1]
+
+        cache, logits = jax.lax.cond(moved[k], lambda: prefill(cache, band, band_logits, col0 if grid_cond else 0,
+                                                               window_codes, p), step)
+        token = draw(jax.random.fold_in(rng, k), filter_logits(logits, temperature, top_k,
+                                                              top_p if use_top_p else None), greedy)
+        token = jnp.where(mask[:, i, j], token, grid[:, i, j])
+        return grid.at[:, i, j].set(token), cache, band, band_logits, logits
+
+    band, band_logits = prefixes(jnp.int32(0))
+    cache = empty_cache(dec, b)
+    carry = (init, cache, band, band_logits, jnp.zeros((b, gpt.vocab_size), jnp.float32))
+    return jax.lax.fori_loop(0, h * w, position, carry)[0]
+
+
+def sample_windowed(gpt, params, cond, shape, rng, window: int = 16, temperature: float = 1.0,
+                    top_k: int | None = None, top_p: float | None = None, greedy: bool = False, init=None,
+                    mask=None):
+    """Samples an H x W code grid with a sliding window x window attention window, in one jitted program.
+
+    cond: int [B, H, W] conditioning codes (segmentation, depth: cropped with the window and placed before
+      the window's codes, as the original's sample_conditional.py), or int [B, n] tokens placed before
+      every window (class label, SOS).
+    shape: (H, W), each >= window. init / mask: optional int [B, H, W] codes and bool [B, H, W]: only the
+      codes where mask is True are drawn, the others are kept from init (in- and out-painting).
+    temperature, top_k, top_p, greedy: as `sample`.
+    -> int32 [B, H, W].
+    """
+    h, w = shape = tuple(int(s) for s in shape)
+    cond = jnp.asarray(cond)
+    check_codes(cond, gpt.vocab_size, "cond")
+    grid_cond = cond.ndim == 3
+    if grid_cond and tuple(cond.shape[1:]) != shape:
+        raise ValueError(f"the conditioning grid {tuple(cond.shape[1:])} must have the sampled shape {shape}")
+    if not grid_cond and (cond.ndim != 2 or cond.shape[1] < 1):
+        raise ValueError(f"cond must be int [B, H, W] (a grid) or [B, n] (n >= 1 tokens), got {tuple(cond.shape)}")
+    if h < window or w < window:
+        raise ValueError(f"the grid {shape} is smaller than the window {window}: use sample")
+    n = window * window if grid_cond else cond.shape[1]
+    if n + window * window - 1 > gpt.block_size:
+        raise ValueError(f"{n} condition tokens + a {window}x{window} window exceed block_size={gpt.block_size}")
+    b = cond.shape[0]
+    init = jnp.zeros((b, h, w), jnp.int32) if init is None else jnp.asarray(init)
+    mask = jnp.ones((b, h, w), bool) if mask is None else jnp.asarray(mask, bool)
+    check_codes(init, gpt.vocab_size, "init")
+    if init.shape != (b, h, w) or mask.shape != (b, h, w):
+        raise ValueError(f"init and mask must be [B, H, W] = {(b, h, w)}, got {tuple(init.shape)} and {tuple(mask.shape)}")
+    return _sample_windowed(gpt, params, cond.astype(jnp.int32), init.astype(jnp.int32), mask, rng,
+                            jnp.float32(temperature), jnp.float32(top_p or 1.0), shape=shape, window=window,
+                            top_k=top_k, use_top_p=top_p is not None, greedy=greedy, grid_cond=grid_cond)
