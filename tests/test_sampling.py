@@ -139,3 +139,35 @@ def test_bad_requests_are_named(small_gpt, window_gpt):
         sample_windowed(wgpt, wparams, jnp.array([[3]]), shape=(8, 20), rng=jax.random.PRNGKey(0))
     with pytest.raises(ValueError, match="must have the sampled shape"):
         sample_windowed(wgpt, wparams, jnp.zeros((1, 16, 17), jnp.int32), shape=(16, 16), rng=jax.random.PRNGKey(0))
+
+
+def test_sample_cli_writes_a_wider_image_than_the_training_crop(tmp_path):
+    """sample.py on a saved run: a 16x48 image from a model trained on 16x16 crops (windowed sampling)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    from vqgan_jax.models import GPT, VQGAN
+    from vqgan_jax.pretrained import save_pretrained
+
+    vq = VQGAN(ch=32, ch_mult=(1, 1, 1), num_res_blocks=1, attn_resolutions=(), resolution=16, z_channels=4,
+               embed_dim=4, n_embed=20)
+    gpt = GPT(vocab_size=20, block_size=16, n_layer=1, n_head=2, n_embd=16)
+    export = tmp_path / "run" / "export"
+    save_pretrained(str(export / "vqgan"), vq, vq.init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3))))
+    save_pretrained(str(export / "gpt"), gpt, gpt.init(jax.random.PRNGKey(1), jnp.zeros((1, 2), jnp.int32)))
+    (export / "net2net.json").write_text(json.dumps({
+        "first_stage": {"checkpoint": str(export / "vqgan"), "config": ""}, "data_size": 16,
+        "cond_stage": {"kind": "sos", "checkpoint": "", "config": "", "sos_token": 0, "n_embed": 20,
+                       "down_factor": 4, "n_classes": 0}}))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "sample.py", "--workdir", str(tmp_path / "run"), "--n", "2",
+                             "--size", "16x48", "--top_k", "5", "--out", str(tmp_path / "out")],
+                            cwd=root, capture_output=True, text=True, timeout=600,
+                            env=dict(os.environ, PYTHONPATH=root))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert Image.open(tmp_path / "out" / "sample_0001.png").size == (48, 16)
+    assert Image.open(tmp_path / "out" / "grid.png").size == (96, 16)

@@ -42,26 +42,29 @@ class CausalSelfAttention(nn.Module):
         b, t, c = x.shape
         hd = c // self.n_head
         dense = lambda name: nn.Dense(c, dtype=self.dtype, kernel_init=_init, name=name)  # noqa: E731
-        k, q, v = (dense(name)(x).reshape(b, t, self.n_head, hd) for name in ("key", "query", "value"))
+        # Heads ahead of positions ([B, H, T, hd]): the cache is read every decoding step, and in this layout
+        # both attention matmuls take it as it lies (with [B, T, H, hd] XLA copies it transposed each step).
+        k, q, v = (dense(name)(x).reshape(b, t, self.n_head, hd).transpose(0, 2, 1, 3)
+                   for name in ("key", "query", "value"))
 
         q_pos = jnp.arange(t)
         if self.decode:
             initialised = self.has_variable("cache", "cached_key")
-            cached_k = self.variable("cache", "cached_key", jnp.zeros, (b, self.block_size, self.n_head, hd), k.dtype)
-            cached_v = self.variable("cache", "cached_value", jnp.zeros, (b, self.block_size, self.n_head, hd), v.dtype)
+            cached_k = self.variable("cache", "cached_key", jnp.zeros, (b, self.n_head, self.block_size, hd), k.dtype)
+            cached_v = self.variable("cache", "cached_value", jnp.zeros, (b, self.n_head, self.block_size, hd), v.dtype)
             index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
             if initialised:
                 start = index.value
-                cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k, (0, start, 0, 0))
-                cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v, (0, start, 0, 0))
+                cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k, (0, 0, start, 0))
+                cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v, (0, 0, start, 0))
                 index.value = start + t
                 k, v, q_pos = cached_k.value, cached_v.value, start + q_pos
-        mask = attention_mask(q_pos, jnp.arange(k.shape[1]), self.n_unmasked)
+        mask = attention_mask(q_pos, jnp.arange(k.shape[2]), self.n_unmasked)
 
-        att = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(hd).astype(q.dtype)
+        att = jnp.einsum("bhqd,bhkd->bhqk", q, k) / jnp.sqrt(hd).astype(q.dtype)
         att = jnp.where(mask, att, jnp.finfo(att.dtype).min)
         att = nn.Dropout(self.attn_pdrop, deterministic=not train)(nn.softmax(att, axis=-1))
-        y = jnp.einsum("bhqk,bkhd->bqhd", att, v).reshape(b, t, c)
+        y = jnp.einsum("bhqk,bhkd->bqhd", att, v).reshape(b, t, c)
         y = dense("proj")(y)
         return nn.Dropout(self.resid_pdrop, deterministic=not train)(y)
 

@@ -36,10 +36,10 @@ def forward(dec, params, cache, tokens):
 
 
 def keys_values(cache, n: int):
-    """The first n positions of every layer's keys and values: a pytree like `cache` with [B, n, H, hd]
-    leaves (and the length leaves unchanged)."""
+    """The first n positions of every layer's keys and values: a pytree like `cache` with [B, heads, n,
+    head_dim] leaves (and the length leaves unchanged)."""
     return jax.tree_util.tree_map_with_path(
-        lambda path, leaf: leaf if _name(path) in _LENGTH_LEAVES else leaf[:, :n], cache)
+        lambda path, leaf: leaf if _name(path) in _LENGTH_LEAVES else leaf[:, :, :n], cache)
 
 
 def install(cache, prefix, n):

@@ -65,7 +65,7 @@ def _sample_windowed(gpt, params, cond, init, mask, rng, temperature, top_p, *, 
 
     def prefixes(row0):
         """Keys/values and next-code logits of the condition for every window column: leaves
-        [n_cols, B, n, heads, head_dim], logits [n_cols, B, V]."""
+        [n_cols, B, heads, n, head_dim], logits [n_cols, B, V]."""
         if grid_cond:
             band = jax.lax.dynamic_slice_in_dim(cond, row0, window, axis=1)
             tokens = jnp.stack([band[:, :, c:c + window].reshape(b, area) for c in range(n_cols)])

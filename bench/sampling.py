@@ -1,0 +1,77 @@
+"""The sampling workloads: `gpt_sample` (KV-cached sampler) and `window_sample` (sliding window).
+
+Both run the whole draw as the one jitted program users call (`vqgan_jax.sampling`); the first call's
+time is reported as compile_s (compile + one run), the median of the following calls as total_s.
+"""
+
+import statistics
+
+import jax
+import jax.numpy as jnp
+
+from vqgan_jax.models import GPT
+from vqgan_jax.sampling import sample, sample_windowed
+
+
+def _gpt(model: dict, dtype: str):
+    gpt = GPT(**{k: v for k, v in model.items() if k != "dropout"}, dtype=jnp.dtype(dtype))
+    params = jax.jit(gpt.init)(jax.random.PRNGKey(0), jnp.zeros((1, 2), jnp.int32))["params"]
+    return gpt, params
+
+
+def _time(fn, repeats):
+    import time
+
+    def once():
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        return time.perf_counter() - t0
+
+    first = once()
+    times = [once() for _ in range(repeats)]
+    return first, statistics.median(times), times
+
+
+def bench_gpt_sample(spec: dict, workloads: dict, repeats: int, dtype: str) -> dict:
+    model = workloads[spec["model"].split(".")[0]]["model"] if isinstance(spec["model"], str) else spec["model"]
+    gpt, params = _gpt(model, dtype)
+    b, steps = spec["batch"], spec["steps"]
+    cond = jnp.full((b, 1), 7, jnp.int32)  # one class token
+    first, total, times = _time(lambda: sample(gpt, params, cond, steps=steps, rng=jax.random.PRNGKey(1),
+                                               top_k=100, temperature=1.0), repeats)
+    return dict(workload="gpt_sample", impl="vqgan-jax", tokens_per_s=b * steps / total, total_s=total,
+                compile_s=first, step_ms=total / steps * 1e3, repeats=repeats,
+                total_s_all=[round(t, 3) for t in times], batch=b, steps=steps, top_k=100, dtype=dtype,
+                params=sum(x.size for x in jax.tree.leaves(params)))
+
+
+def bench_window_sample(spec: dict, workloads: dict, repeats: int, dtype: str) -> dict:
+    gpt, params = _gpt(spec["model"], dtype)
+    b, (h, w), win = spec["batch"], spec["grid"], spec["window"]
+    cond = jax.random.randint(jax.random.PRNGKey(2), (b, h, w), 0, spec["model"]["vocab_size"])
+    first, total, times = _time(lambda: sample_windowed(gpt, params, cond, shape=(h, w), rng=jax.random.PRNGKey(1),
+                                                        window=win, top_k=100), repeats)
+    return dict(workload="window_sample", impl="vqgan-jax", tokens_per_s=b * h * w / total, total_s=total,
+                compile_s=first, repeats=repeats, total_s_all=[round(t, 3) for t in times], batch=b,
+                grid=[h, w], window=win, top_k=100, dtype=dtype, tokens_forwarded=window_tokens(h, w, win))
+
+
+def window_tokens(h: int, w: int, win: int) -> dict:
+    """Tokens run through the transformer for one grid: ours (condition prefixes per row band and window
+    column, window prefills in chunks of `win`, one token per stationary position) against the original's
+    2 * win**2 - 1 per position."""
+    from vqgan_jax.sampling.windowed import placement
+
+    rows, cols, moved = placement((h, w), win)
+    area = win * win
+    bands = len(set(rows.tolist())) * (int(cols.max()) + 1) * area
+    prefill = stationary = 0
+    for k, m in enumerate(moved):
+        p = (k // w - rows[k // w]) * win + (k % w - cols[k % w])
+        if m:
+            prefill += -(-p // win) * win
+        else:
+            stationary += 1
+    ours = bands + prefill + stationary
+    original = h * w * (2 * area - 1)
+    return {"ours": ours, "original": original, "ratio": original / ours}

@@ -1,0 +1,131 @@
+"""From trained (or converted) models to images: load the GPT and its stages, build the condition for a
+requested size, sample the code grid (plain or windowed), decode it. Used by sample.py."""
+
+import dataclasses
+import json
+import os
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vqgan_jax import net2net
+from vqgan_jax.sampling.sampler import sample
+from vqgan_jax.sampling.windowed import sample_windowed
+
+
+@dataclasses.dataclass
+class Net2Net:
+    """A trained second stage: the GPT, the first stage that decodes its codes, the condition."""
+    gpt: Any
+    gpt_params: Any
+    vq: Any
+    vq_params: Any
+    cond_kind: str
+    cond_config: dict
+    train_size: int            # the training crop in pixels: its code grid is the window
+    cond_vq: Any = None
+    cond_params: Any = None
+
+    @property
+    def window(self) -> int:
+        return self.train_size // self.vq.downsample_factor
+
+
+def load(workdir: str | None = None, *, gpt_dir: str | None = None, first_stage: str = "",
+         first_stage_config: str = "", cond_kind: str = "sos", cond_stage: str = "", cond_stage_config: str = "",
+         train_size: int = 256, sos_token: int = 0, coord_n_embed: int = 1024, down_factor: int = 16) -> Net2Net:
+    """A transformer training workdir (its export/gpt and export/net2net.json), or the parts by path:
+    gpt_dir (a saved GPT, e.g. converted from an original checkpoint) and the first stage."""
+    from vqgan_jax.pretrained import load_pretrained
+    from vqgan_jax.train.stages import load_vqgan
+
+    cond_config = dict(kind=cond_kind, sos_token=sos_token, n_embed=coord_n_embed, down_factor=down_factor)
+    if workdir:
+        meta_path = os.path.join(workdir, "export", "net2net.json")
+        if not os.path.exists(meta_path):
+            raise FileNotFoundError(f"{workdir!r} has no export/net2net.json: is it a finished transformer run?")
+        with open(meta_path) as f:
+            meta = json.load(f)
+        gpt_dir = os.path.join(workdir, "export", "gpt")
+        first_stage, first_stage_config = meta["first_stage"]["checkpoint"], meta["first_stage"]["config"]
+        cond_config = dict(meta["cond_stage"])
+        cond_stage, cond_stage_config = cond_config.pop("checkpoint"), cond_config.pop("config")
+        train_size = meta["data_size"]
+    if not gpt_dir:
+        raise ValueError("give a transformer workdir, or gpt_dir and first_stage")
+    gpt, variables = load_pretrained(gpt_dir)
+    vq, vq_params = load_vqgan(first_stage, first_stage_config, "first_stage")
+    model = Net2Net(gpt, variables["params"], vq, vq_params, cond_config["kind"], cond_config, train_size)
+    if model.cond_kind in net2net.VQ_COND_KINDS:
+        model.cond_vq, model.cond_params = load_vqgan(cond_stage, cond_stage_config, "cond_stage")
+    return model
+
+
+def condition(model: Net2Net, batch: int, grid: tuple[int, int], *, classes=None, cond_image=None):
+    """The condition for `batch` samples of a code grid: int [B, n] tokens (sos, class) or a grid [B, h, w]
+    (coord, segmentation, depth). classes: int [B] labels; cond_image: [1, H, W] label map (int) or
+    [1, H, W, 1] depth in [-1, 1] at the image size."""
+    kind, c = model.cond_kind, model.cond_config
+    if kind == "sos":
+        return jnp.full((batch, 1), c["sos_token"], jnp.int32)
+    if kind == "class":
+        if classes is None:
+            raise ValueError("a class-conditional model needs classes")
+        return jnp.asarray(classes, jnp.int32).reshape(batch, 1)
+    if kind == "coord":
+        h, w = grid
+        f = model.vq.downsample_factor
+        crop = jnp.array([[0, 0, h * f, w * f]])
+        if h != w:
+            raise ValueError("coord conditioning samples square images (the positions are built for square crops)")
+        tokens = net2net.coord_tokens(crop, h * f, c["n_embed"], c["down_factor"])
+        return jnp.tile(tokens.reshape(1, h, w), (batch, 1, 1))
+    if cond_image is None:
+        raise ValueError(f"a {kind}-conditioned model needs a conditioning image (cond_image)")
+    if kind == "segmentation":
+        n_labels = model.cond_vq.in_channels
+        if np.min(cond_image) < 0 or np.max(cond_image) >= n_labels:
+            raise ValueError(f"label map values span [{np.min(cond_image)}, {np.max(cond_image)}], the "
+                             f"segmentation VQGAN knows labels 0..{n_labels - 1}")
+    x = jax.nn.one_hot(cond_image, model.cond_vq.in_channels) if kind == "segmentation" else cond_image
+    codes = model.cond_vq.apply({"params": model.cond_params}, jnp.asarray(x), method=model.cond_vq.encode)[1]
+    if tuple(codes.shape[1:]) != tuple(grid):
+        raise ValueError(f"the conditioning image gives a {tuple(codes.shape[1:])} code grid, the sample is {grid}")
+    return jnp.tile(codes, (batch, 1, 1))
+
+
+def generate(model: Net2Net, cond, grid: tuple[int, int], rng, *, given=None, progress: Callable | None = None,
+             **sampling) -> jax.Array:
+    """Samples codes [B, h, w] for `cond` and decodes them -> images [B, h*f, w*f, 3] in [-1, 1].
+
+    A grid of at most the training window whose sequence fits the block is drawn in one pass (`sample`);
+    a larger one with the sliding window. given: optional int [B, h, w] codes whose first rows (those
+    above the first -1) are kept: image completion."""
+    h, w = grid
+    b = cond.shape[0]
+    window = model.window
+    plain = cond.ndim == 2 and h <= window and w <= window and cond.shape[1] + h * w - 1 <= model.gpt.block_size
+    if plain:
+        keep = None
+        if given is not None:
+            flat = np.asarray(given).reshape(b, -1)
+            keep = int(np.argmax(np.all(flat < 0, axis=0))) if np.any(flat < 0) else flat.shape[1]
+            keep = jnp.asarray(flat[:, :keep])
+        codes = sample(model.gpt, model.gpt_params, cond, steps=h * w, rng=rng, given=keep, **sampling)
+        codes = codes.reshape(b, h, w)
+    else:
+        if sampling.pop("cfg_scale", 1.0) != 1.0:
+            raise ValueError("classifier-free guidance is available for grids sampled in one pass (no larger "
+                             "than the training window), not with the sliding window")
+        init = mask = None
+        if given is not None:
+            given = np.asarray(given)
+            mask = given < 0
+            init = np.where(mask, 0, given)
+        codes = sample_windowed(model.gpt, model.gpt_params, cond, shape=(h, w), rng=rng, window=window, init=init,
+                                mask=mask, **sampling)
+    if progress:
+        progress(b)
+    return model.vq.apply({"params": model.vq_params}, codes, method=model.vq.decode_indices)
