@@ -270,6 +270,8 @@ def test_encode_writes_the_first_stage_codes_and_training_reads_images_or_codes(
     config.data.codes = str(tmp_path / "codes")
     state = run(config, str(tmp_path / "from_codes"))
     assert int(state.step) == 2
+    for workdir in ("from_images", "from_codes"):  # sample grids decoded by the first stage, at the end
+        assert (tmp_path / workdir / "images" / "samples_0000002.png").exists()
 
 
 def test_missing_first_stage_is_named(tiny_first_stage, tmp_path):

@@ -18,6 +18,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.keep_checkpoints = 3
     c.eval_every = 0              # 0: only at the end (validation NLL in bits per token)
     c.eval_batches = 0            # 0: the whole split
+    c.sample_every = 0            # sample grids (top-k 100) every this many steps; 0: only at the end
+    c.sample_n = 8                # samples per grid, conditioned as the first rows of the current batch
 
     c.data = ml_collections.ConfigDict({k: "" if v is None else v for k, v in data_defaults.DEFAULTS.items()})
     c.data.codes = ""             # a code cache (python -m vqgan_jax.data.encode): read codes, not images

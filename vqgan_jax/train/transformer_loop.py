@@ -19,7 +19,7 @@ from vqgan_jax.train.checkpoint import Checkpointer, abstract_with_shardings
 from vqgan_jax.train.logging import MetricWriter, Progress
 from vqgan_jax.train.loop import _StopRequest, initialize_distributed
 from vqgan_jax.train.sharding import batch_sharding, make_mesh, replicated
-from vqgan_jax.train.stages import check_config, check_vocabulary, load_stages
+from vqgan_jax.train.stages import check_config, check_vocabulary, load_stages, load_vqgan
 from vqgan_jax.train.transformer import (build_gpt, create_state, jit_train_step, make_eval_step, optimizer,
                                          state_shapes)
 
@@ -87,11 +87,36 @@ def validation_nll(config, gpt, params, stages, mesh) -> dict | None:
     return {"val_nll": total / tokens, "val_bits_per_token": total / tokens / np.log(2.0), "val_tokens": tokens}
 
 
+def first_stage_for_samples(config, stages):
+    """(vq, params) to decode sample grids: the loaded first stage, or with a code cache the one named in
+    the config (None when there is none)."""
+    if stages[0] is not None:
+        return stages[0][0], stages[1][0]
+    if not config.first_stage.checkpoint:
+        return None
+    return load_vqgan(config.first_stage.checkpoint, config.first_stage.config)
+
+
+def sample_grid(config, gpt, params, batch, stages, first, rng):
+    """Samples codes for the conditions of the batch's first `sample_n` rows (top-k 100) and decodes them
+    -> images [n, H, W, 3] in [-1, 1]."""
+    from vqgan_jax.sampling import sample
+    from vqgan_jax.train.transformer import batch_tokens
+
+    rows = jax.tree.map(lambda a: a[:config.sample_n], batch)
+    codes, cond = batch_tokens(config, rows, *stages)
+    drawn = sample(gpt, params, cond, steps=codes.shape[1], rng=rng, top_k=100)
+    vq, vq_params = first
+    side = int(round(codes.shape[1] ** 0.5))
+    return vq.apply({"params": vq_params}, drawn.reshape(-1, side, side), method=vq.decode_indices)
+
+
 def run(config, workdir: str):
     """Trains until `config.total_steps`, resuming from the last checkpoint in `workdir` if there is one."""
     os.makedirs(workdir, exist_ok=True)
     mesh, gpt, tx, shardings, checkpointer, state = _setup(config, workdir)
     stages = _stages(config, mesh)
+    first = first_stage_for_samples(config, stages)
     start = int(state.step)
     is_main = jax.process_index() == 0
     writer = MetricWriter(workdir, enabled=is_main)
@@ -121,6 +146,9 @@ def run(config, workdir: str):
                 nll = validation_nll(config, gpt, state.params, stages, mesh)
                 if nll:
                     writer.write_scalars(step, nll)
+            if first and (config.sample_every and step % config.sample_every == 0 or step == config.total_steps):
+                images = sample_grid(config, gpt, state.params, batch, stages, first, jax.random.PRNGKey(step))
+                writer.write_images(step, "samples", np.asarray(jax.device_get(images)))
             if step % config.checkpoint_every == 0:
                 checkpointer.save(state, step)
             if stop.requested():
