@@ -127,7 +127,61 @@ def bench_vqgan_train_step(spec: dict, repeats: int, dtype: str, random_lpips: b
                 **device_context(flops, med, dtype))
 
 
-BENCHMARKS = {"vqgan_train_step": bench_vqgan_train_step}
+def bench_gpt_train_step(spec: dict, repeats: int, dtype: str, random_lpips: bool = False) -> dict:
+    """One GPT training step (forward, cross-entropy, backward, AdamW) through the project's own step, on a
+    code-cache batch: 1 condition token + seq_len codes, of which the GPT sees seq_len positions (the last
+    code is only a target), as the original's forward on seq_len tokens."""
+    del random_lpips
+    from vqgan_jax.train.gpt_config import default_config
+    from vqgan_jax.train.sharding import batch_sharding, make_mesh
+    from vqgan_jax.train.transformer import build_gpt, create_state, jit_train_step, make_train_step, optimizer
+
+    m, b, t = spec["model"], spec["batch"], spec["seq_len"]
+    side = int(round(t ** 0.5))
+    if side * side != t:
+        raise ValueError(f"seq_len={t} is not a square code grid")
+    config = default_config()
+    config.batch_size = b
+    p = m.get("dropout", 0.0)
+    config.model.update(vocab_size=m["vocab_size"], block_size=m["block_size"], n_layer=m["n_layer"],
+                        n_head=m["n_head"], n_embd=m["n_embd"], embd_pdrop=p, resid_pdrop=p, attn_pdrop=p,
+                        dtype=dtype)
+
+    mesh = make_mesh(config.mesh)
+    gpt, tx = build_gpt(config), optimizer(config)
+    state, shardings = create_state(gpt, tx, config, mesh, jax.random.PRNGKey(0))
+    k_codes, k_cond = jax.random.split(jax.random.PRNGKey(1))
+    batch = {"codes": jax.random.randint(k_codes, (b, side, side), 0, m["vocab_size"], jax.numpy.int32),
+             "cond": jax.random.randint(k_cond, (b, 1), 0, m["vocab_size"], jax.numpy.int32)}
+    batch = jax.device_put(batch, batch_sharding(mesh))
+    step = jit_train_step(gpt, tx, config, mesh, shardings)
+
+    load_before = os.getloadavg()[0]
+    t0 = time.perf_counter()
+    compiled = step.lower(state, batch, None).compile()
+    compile_s = time.perf_counter() - t0
+    flops = model_flops(make_train_step(gpt, tx, config), state, batch)
+    first_s, (state, metrics) = timed(compiled, state, batch, None)
+    times = []
+    wall0, cpu0 = time.perf_counter(), time.process_time()
+    for _ in range(repeats):
+        t_step, (state, metrics) = timed(compiled, state, batch, None)
+        times.append(t_step)
+    cpu_per_wall = (time.process_time() - cpu0) / max(time.perf_counter() - wall0, 1e-9)
+    med = statistics.median(times)
+    o = config.optim
+    return dict(workload="gpt_train_step", impl="vqgan-jax", tokens_per_s=b * t / med, step_ms=med * 1e3,
+                compile_s=compile_s, first_step_s=first_s, peak_rss_mb=peak_rss_mb(), repeats=repeats,
+                step_ms_all=[round(x * 1e3, 1) for x in times], batch=b, seq_len=t, dtype=dtype,
+                flops_per_step=flops, last_loss=float(metrics["loss"]),
+                cpu_s_per_wall_s=round(cpu_per_wall, 2), loadavg_1m_before=round(load_before, 2),
+                notes=f"vqgan_jax.train.transformer step: AdamW(b1={o.b1}, b2={o.b2}, weight decay "
+                      f"{o.weight_decay} on Dense kernels, lr {o.base_learning_rate * b:g}), batch "
+                      f"{{codes [{b}, {side}, {side}], cond [{b}, 1]}}",
+                **device_context(flops, med, dtype))
+
+
+BENCHMARKS = {"vqgan_train_step": bench_vqgan_train_step, "gpt_train_step": bench_gpt_train_step}
 
 
 def main(argv=None) -> int:

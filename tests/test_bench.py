@@ -1,0 +1,65 @@
+"""The benchmark harness's gpt_train_step workload, and the GPT changes made for its speed: the gradient
+materialisation is an exact identity, and it keeps XLA:CPU from recomputing the residual stream's gradient
+once per consumer (the largest fusion of the backward pass stays the same size however deep the model)."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bench import run as bench_run
+from vqgan_jax.models import GPT
+from vqgan_jax.models.gpt import gelu, materialize_grad
+
+TINY_SPEC = {"model": {"vocab_size": 64, "block_size": 17, "n_layer": 1, "n_head": 2, "n_embd": 32, "dropout": 0.0},
+             "batch": 2, "seq_len": 16, "report": ["tokens_per_s", "step_ms", "compile_s", "peak_rss_mb"]}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_gpt_train_step_record(dtype):
+    record = bench_run.bench_gpt_train_step(TINY_SPEC, repeats=2, dtype=dtype)
+    for field in TINY_SPEC["report"]:
+        assert record[field] > 0, field
+    assert record["workload"] == "gpt_train_step" and record["dtype"] == dtype
+    assert record["tokens_per_s"] == pytest.approx(2 * 16 / (record["step_ms"] / 1e3))
+    assert len(record["step_ms_all"]) == 2 and record["repeats"] == 2
+    assert np.isfinite(record["last_loss"])
+    assert record["flops_per_step"] is None or record["flops_per_step"] > 0
+
+
+def test_gpt_train_step_is_listed():
+    assert "gpt_train_step" in bench_run.BENCHMARKS
+    assert set(bench_run.load_workloads()["gpt_train_step"]["model"]) >= {"vocab_size", "block_size", "n_layer"}
+
+
+def test_materialize_grad_is_the_identity():
+    x = jax.random.normal(jax.random.PRNGKey(0), (3, 5, 4))
+    w = jax.random.normal(jax.random.PRNGKey(1), (3, 5, 4))
+    f = lambda x: jnp.sum(jnp.sin(x) * w)  # noqa: E731
+    np.testing.assert_array_equal(jax.jit(materialize_grad)(x), x)
+    np.testing.assert_array_equal(jax.jit(jax.grad(lambda x: f(materialize_grad(x))))(x), jax.jit(jax.grad(f))(x))
+
+
+def test_gelu_is_the_exact_erf_gelu():
+    x = jnp.linspace(-8.0, 8.0, 1001)
+    np.testing.assert_allclose(gelu(x), jax.nn.gelu(x, approximate=False), atol=1e-6, rtol=1e-6)
+    np.testing.assert_allclose(jax.vmap(jax.grad(gelu))(x),
+                               jax.vmap(jax.grad(lambda v: jax.nn.gelu(v, approximate=False)))(x), atol=1e-6)
+
+
+def _largest_fusion(n_layer: int) -> int:
+    """Operand count of the largest fusion in the compiled gradient of a GPT loss."""
+    gpt = GPT(vocab_size=64, block_size=16, n_layer=n_layer, n_head=2, n_embd=32)
+    tokens = jnp.zeros((2, 16), jnp.int32)
+    params = gpt.init(jax.random.PRNGKey(0), tokens)["params"]
+    loss = lambda p: jnp.mean(gpt.apply({"params": p}, tokens) ** 2)  # noqa: E731
+    text = jax.jit(jax.grad(loss)).lower(params).compile().as_text()
+    return max(len(re.findall(r"%[\w.\-]+", m.group(1))) for m in re.finditer(r"= \S+ fusion\((.*?)\), kind", text))
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="an XLA:CPU fusion property")
+def test_backward_fusions_do_not_grow_with_depth():
+    shallow, deep = _largest_fusion(2), _largest_fusion(8)
+    assert deep <= shallow + 4, (shallow, deep)
