@@ -181,7 +181,20 @@ def bench_gpt_train_step(spec: dict, repeats: int, dtype: str, random_lpips: boo
                 **device_context(flops, med, dtype))
 
 
-BENCHMARKS = {"vqgan_train_step": bench_vqgan_train_step, "gpt_train_step": bench_gpt_train_step}
+def bench_sampling(name):
+    """The sampling workloads (bench/sampling.py): their model may refer to another workload's."""
+    def run(spec: dict, repeats: int, dtype: str, random_lpips: bool = False) -> dict:
+        from bench import sampling
+
+        fn = sampling.bench_gpt_sample if name == "gpt_sample" else sampling.bench_window_sample
+        record = fn(spec, load_workloads(), repeats, dtype)
+        record.update(peak_rss_mb=peak_rss_mb(), **device_context(None, record["total_s"], dtype))
+        return record
+    return run
+
+
+BENCHMARKS = {"vqgan_train_step": bench_vqgan_train_step, "gpt_train_step": bench_gpt_train_step,
+              "gpt_sample": bench_sampling("gpt_sample"), "window_sample": bench_sampling("window_sample")}
 
 
 def main(argv=None) -> int:

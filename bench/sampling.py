@@ -74,4 +74,4 @@ def window_tokens(h: int, w: int, win: int) -> dict:
             stationary += 1
     ours = bands + prefill + stationary
     original = h * w * (2 * area - 1)
-    return {"ours": ours, "original": original, "ratio": original / ours}
+    return {"ours": int(ours), "original": int(original), "ratio": float(original / ours)}
