@@ -124,6 +124,16 @@ class MetricWriter:
             _tb_write(writer, name, np.float32(value), int(step), "scalars", "DATA_CLASS_SCALAR")
         writer.flush()
 
+    def write_step(self, step: int, metrics, step_time: float, progress, source) -> None:
+        """A training step's metrics (device arrays) with its time, the run's steps/s and the input's
+        skipped-file count."""
+        import jax
+
+        scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        scalars.update(step_time=step_time, steps_per_sec=progress.steps_per_sec,
+                       skipped_files=getattr(source, "skipped", 0))
+        self.write_scalars(step, scalars)
+
     def write_images(self, step: int, name: str, images) -> None:
         """images: [N, H, W, 3] in [-1, 1] -> one grid (rows of up to 8) saved to
         images/{name}_{step:07d}.png and to TensorBoard under `name`."""

@@ -119,10 +119,7 @@ def run(config, workdir: str):
             step += 1
             progress.update(step)
             if step % config.log_every == 0 or step == config.total_steps:
-                scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                scalars.update(step_time=time.perf_counter() - t0, steps_per_sec=progress.steps_per_sec,
-                               skipped_files=getattr(source, "skipped", 0))
-                writer.write_scalars(step, scalars)
+                writer.write_step(step, metrics, time.perf_counter() - t0, progress, source)
             if config.image_every and (step % config.image_every == 0 or step == config.total_steps):
                 pairs = reconstruct(state.gen_params, batch)
                 writer.write_images(step, "reconstructions", np.asarray(jax.device_get(pairs)))

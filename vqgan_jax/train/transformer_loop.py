@@ -138,10 +138,7 @@ def run(config, workdir: str):
             step += 1
             progress.update(step)
             if step % config.log_every == 0 or step == config.total_steps:
-                scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                scalars.update(step_time=time.perf_counter() - t0, steps_per_sec=progress.steps_per_sec,
-                               skipped_files=getattr(source, "skipped", 0))
-                writer.write_scalars(step, scalars)
+                writer.write_step(step, metrics, time.perf_counter() - t0, progress, source)
             if config.eval_every and step % config.eval_every == 0 and step < config.total_steps:
                 nll = validation_nll(config, gpt, state.params, stages, mesh)
                 if nll:
