@@ -14,6 +14,7 @@ from flax import struct
 
 from vqgan_jax import net2net
 from vqgan_jax.models import GPT
+from vqgan_jax.train.state import learning_rate  # base_learning_rate x batch, as the original
 
 
 @struct.dataclass
@@ -28,14 +29,6 @@ def build_gpt(config) -> GPT:
     fields = config.model.to_dict()
     fields["dtype"] = jnp.dtype(fields["dtype"])
     return GPT(**fields)
-
-
-def learning_rate(config) -> optax.Schedule:
-    """base_learning_rate x global batch size (the original's accumulate x gpus x batch), optional warmup
-    and cosine decay."""
-    from vqgan_jax.train.state import learning_rate as schedule
-
-    return schedule(config)
 
 
 def decay_mask(params):
