@@ -1,6 +1,8 @@
 """Runs one full VQGAN training step (discriminator active) on all local devices and saves the losses and
-updated parameters: `python sharded_step_worker.py OUT.npz`. Run by tests/test_train.py in subprocesses
-with different device counts (XLA_FLAGS=--xla_force_host_platform_device_count=N)."""
+updated parameters: `python sharded_step_worker.py OUT.npz [codebook]`. Run by tests/test_train.py and
+tests/test_codebook.py in subprocesses with different device counts
+(XLA_FLAGS=--xla_force_host_platform_device_count=N). With `codebook`, every codebook option is on and
+every code the batch leaves unused is restarted."""
 
 import sys
 
@@ -20,13 +22,21 @@ def tiny_config():
     return c
 
 
-def main(out_path):
+def codebook_config():
+    c = tiny_config()
+    c.model.update(l2_normalize=True, codebook_dim=4, legacy=False, entropy_weight=0.1)
+    c.codebook.update(ema=True, restart_dead=1)
+    c.loss.lecam_weight = 0.1
+    return c
+
+
+def main(out_path, variant=""):
     from vqgan_jax.models import load_lpips_params
     from vqgan_jax.train.sharding import batch_sharding, make_mesh, replicated
     from vqgan_jax.train.state import build_models, create_state
     from vqgan_jax.train.steps import jit_train_step, phase
 
-    config = tiny_config()
+    config = codebook_config() if variant == "codebook" else tiny_config()
     mesh = make_mesh(config.mesh)
     models = build_models(config)
     state, shardings = create_state(models, config, mesh, jax.random.PRNGKey(0))
@@ -39,8 +49,10 @@ def main(out_path):
             for path, v in jax.tree_util.tree_flatten_with_path(jax.device_get(state))[0]}
     flat.update({f"metric/{k}": np.asarray(v) for k, v in jax.device_get(metrics).items()})
     flat["devices"] = np.asarray(jax.device_count())
+    copies = [np.asarray(s.data) for s in state.gen_params["quantize"]["embedding"]["embedding"].addressable_shards]
+    flat["codebook_copies_identical"] = np.asarray(all(np.array_equal(c, copies[0]) for c in copies))
     np.savez(out_path, **flat)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:])

@@ -8,8 +8,8 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = ["vqgan_imagenet_f16_1024", "vqgan_imagenet_f16_16384", "vqgan_faceshq", "vqgan_custom", "demo",
-           "vqgan_sflckr_seg"]
+FAITHFUL = ["vqgan_imagenet_f16_1024", "vqgan_imagenet_f16_16384", "vqgan_faceshq", "vqgan_custom"]
+CONFIGS = FAITHFUL + [f"{name}_l2" for name in FAITHFUL] + ["demo", "vqgan_sflckr_seg"]
 TRANSFORMER_CONFIGS = ["transformer_faceshq", "transformer_imagenet_cin", "transformer_sflckr", "transformer_custom"]
 
 
@@ -67,6 +67,21 @@ def test_original_hyperparameters():
     assert (faces.optim.b1, faces.optim.b2, faces.optim.weight_decay) == (0.9, 0.95, 0.01)
     seg = _load("vqgan_sflckr_seg").get_config()
     assert (seg.model.in_channels, seg.model.out_ch, seg.loss.kind) == (182, 182, "segmentation")
+
+
+@pytest.mark.parametrize("name", FAITHFUL)
+def test_improved_configs_change_only_the_recipe(name):
+    """Each _l2 config is its faithful one with LlamaGen's codebook and optimiser, and nothing else."""
+    faithful, improved = _load(name).get_config().to_dict(), _load(f"{name}_l2").get_config().to_dict()
+    changed = {f"{section}.{k}" for section in faithful if isinstance(faithful[section], dict)
+               for k in faithful[section] if faithful[section][k] != improved[section][k]}
+    changed |= {k for k in faithful if not isinstance(faithful[k], dict) and faithful[k] != improved[k]}
+    recipe = {"model.l2_normalize", "model.codebook_dim", "model.legacy", "codebook.restart_dead",
+              "optim.base_learning_rate", "optim.b1",
+              "optim.b2", "optim.grad_clip", "loss.pixel_loss", "loss.disc_weight", "loss.adaptive_weight"}
+    assert recipe <= changed <= recipe | {"batch_size", "loss.disc_start"}
+    assert improved["model"]["codebook_dim"] == 8 and improved["model"]["l2_normalize"]
+    assert improved["optim"]["base_learning_rate"] * 128 == pytest.approx(1e-4)
 
 
 @pytest.mark.parametrize("override, message", [("--config.data.pth=/x", "pth"),

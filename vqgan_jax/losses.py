@@ -50,6 +50,15 @@ def adaptive_weight(rec_grad, gan_grad, disc_weight: float = 1.0):
     return jax.lax.stop_gradient(jnp.clip(weight, 0.0, 1e4) * disc_weight)
 
 
+def lecam_regularizer(logits_real, logits_fake, ema_real, ema_fake):
+    """LeCAM (Tseng et al. 2021): E[relu(D(x) - ema_fake)^2] + E[relu(ema_real - D(x_rec))^2], with the
+    EMAs of the discriminator's mean outputs on real and fake: keeps its predictions from drifting apart,
+    which steadies GAN training with little data. Added to the discriminator's loss."""
+    ema_real, ema_fake = jax.lax.stop_gradient(ema_real), jax.lax.stop_gradient(ema_fake)
+    return (jnp.mean(jax.nn.relu(logits_real - ema_fake) ** 2)
+            + jnp.mean(jax.nn.relu(ema_real - logits_fake) ** 2))
+
+
 def disc_factor(step, disc_start: int, factor: float = 1.0):
     """`factor` from `disc_start` on, 0 before (the original's `adopt_weight`)."""
     return jnp.where(step >= disc_start, factor, 0.0)

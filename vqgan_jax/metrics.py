@@ -57,36 +57,39 @@ class EvalAccumulator:
     """
 
     def __init__(self):
-        self._psnr: list[np.ndarray] = []
-        self._lpips: list[np.ndarray] = []
+        self._per_image: dict[str, list[np.ndarray]] = {}
         self._counts = np.zeros(0, np.int64)
 
     @property
     def num_images(self) -> int:
-        return int(sum(p.size for p in self._psnr))
+        return int(sum(v.size for v in next(iter(self._per_image.values()), [])))
 
-    def update(self, psnr, lpips, indices, mask=None) -> None:
-        """psnr, lpips: [B]; indices: [B, h, w] code indices; mask: [B], falsy for padding rows
-        (a final partial batch padded to a fixed shape), which are left out of every statistic."""
-        psnr, lpips, indices = np.asarray(psnr), np.asarray(lpips), np.asarray(indices)
-        n = psnr.shape[0]
-        if psnr.shape != (n,) or lpips.shape != (n,) or indices.shape[0] != n:
-            raise ValueError(f"expected psnr [B], lpips [B], indices [B, ...] with one B; got "
-                             f"{psnr.shape}, {lpips.shape}, {indices.shape}")
+    def update(self, indices, mask=None, **per_image) -> None:
+        """indices: [B, h, w] code indices; per_image: named [B] values (psnr=..., lpips=..., l1=...), the
+        same names every call; mask: [B], falsy for padding rows (a final partial batch padded to a fixed
+        shape), which are left out of every statistic."""
+        indices = np.asarray(indices)
+        n = indices.shape[0]
+        values = {k: np.asarray(v) for k, v in per_image.items()}
+        if any(v.shape != (n,) for v in values.values()):
+            shapes = ", ".join(f"{k} {v.shape}" for k, v in values.items())
+            raise ValueError(f"expected per-image values [B] and indices [B, ...] with one B = {n}; got {shapes}")
+        if self._per_image and set(values) != set(self._per_image):
+            raise ValueError(f"metrics {sorted(values)} differ from the earlier batches' {sorted(self._per_image)}")
         if mask is not None:
             keep = np.asarray(mask).astype(bool).reshape(n)
-            psnr, lpips, indices = psnr[keep], lpips[keep], indices[keep]
-        self._psnr.append(psnr.astype(np.float64))
-        self._lpips.append(lpips.astype(np.float64))
+            indices, values = indices[keep], {k: v[keep] for k, v in values.items()}
+        for k, v in values.items():
+            self._per_image.setdefault(k, []).append(v.astype(np.float64))
         # n_embed is only known at result(); grow the histogram to the largest index seen so far.
         counts = np.bincount(indices.reshape(-1).astype(np.int64), minlength=self._counts.size)
         counts[:self._counts.size] += self._counts
         self._counts = counts
 
     def result(self, n_embed: int) -> dict:
-        """-> {psnr, lpips: means over images; codebook_usage: fraction of the `n_embed` codes used
-        anywhere in the split; perplexity: exp(entropy) of the split's code histogram; num_images},
-        plain Python numbers (JSON-ready)."""
+        """-> {each per-image metric: its mean over images; codebook_usage: fraction of the `n_embed` codes
+        used anywhere in the split; codes_used: their number; perplexity: exp(entropy) of the split's code
+        histogram; num_images}, plain Python numbers (JSON-ready)."""
         if not self.num_images:
             raise ValueError("EvalAccumulator.result() called before any (unmasked) image was added")
         if self._counts.size > n_embed:
@@ -94,10 +97,11 @@ class EvalAccumulator:
         counts = np.zeros(n_embed, np.int64)
         counts[:self._counts.size] = self._counts
         probs = counts[counts > 0] / counts.sum()
+        means = {k: float(np.mean(np.concatenate(v))) for k, v in self._per_image.items()}
         return {
-            "psnr": float(np.mean(np.concatenate(self._psnr))),
-            "lpips": float(np.mean(np.concatenate(self._lpips))),
+            **means,
             "codebook_usage": float(np.count_nonzero(counts) / n_embed),
+            "codes_used": int(np.count_nonzero(counts)),
             "perplexity": float(np.exp(-np.sum(probs * np.log(probs)))),
             "num_images": self.num_images,
         }

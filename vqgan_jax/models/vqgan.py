@@ -32,6 +32,11 @@ class VQGAN(nn.Module):
     dropout: float = 0.0
     beta: float = 0.25
     legacy: bool = True
+    # The codebook options of `VectorQuantizer` (defaults = the original).
+    l2_normalize: bool = False
+    codebook_dim: int = 0
+    entropy_weight: float = 0.0
+    entropy_temperature: float = 0.01
     dtype: Dtype = jnp.float32
 
     @property
@@ -46,7 +51,8 @@ class VQGAN(nn.Module):
         self.decoder = Decoder(out_ch=self.out_ch, **arch)
         self.quant_conv = conv(self.embed_dim, 1, "quant_conv", self.dtype)
         self.post_quant_conv = conv(self.z_channels, 1, "post_quant_conv", self.dtype)
-        self.quantize = VectorQuantizer(self.n_embed, self.embed_dim, self.beta, self.legacy)
+        self.quantize = VectorQuantizer(self.n_embed, self.embed_dim, self.beta, self.legacy, self.l2_normalize,
+                                        self.codebook_dim, self.entropy_weight, self.entropy_temperature)
 
     def _check_image(self, x) -> None:
         f = self.downsample_factor

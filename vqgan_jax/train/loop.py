@@ -19,6 +19,7 @@ from vqgan_jax import data
 from vqgan_jax.metrics import EvalAccumulator
 from vqgan_jax.models import load_lpips_params
 from vqgan_jax.pretrained import save_pretrained
+from vqgan_jax.train import codebook
 from vqgan_jax.train.checkpoint import Checkpointer, abstract_with_shardings
 from vqgan_jax.train.logging import MetricWriter, Progress
 from vqgan_jax.train.sharding import batch_sharding, make_mesh, replicated
@@ -63,6 +64,7 @@ class _StopRequest:
 
 
 def _setup(config, workdir):
+    codebook.check_config(config)
     initialize_distributed(config)
     mesh = make_mesh(config.mesh)
     models = build_models(config)
@@ -156,8 +158,8 @@ def evaluate(config, workdir: str, split: str | None = None) -> dict:
     for i, batch in enumerate(data.eval_iterator(config.data, batch_size=config.batch_size, split=split)):
         if config.eval_batches and i >= config.eval_batches:
             break
-        p, l, idx = jax.device_get(step_fn(params, jnp.asarray(batch["image"]), lpips_params))
-        acc.update(psnr=p, lpips=l, indices=idx, mask=batch.get("mask"))
+        per_image, idx = jax.device_get(step_fn(params, jnp.asarray(batch["image"]), lpips_params))
+        acc.update(idx, mask=batch.get("mask"), **per_image)
     result = dict(acc.result(config.model.n_embed), step=int(state.step))
     if jax.process_index() == 0:
         with open(os.path.join(workdir, f"eval_{int(state.step)}.json"), "w") as f:

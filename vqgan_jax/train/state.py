@@ -9,6 +9,8 @@ import optax
 from flax import struct
 
 from vqgan_jax.models import VQGAN, NLayerDiscriminator
+from vqgan_jax.train import codebook
+from vqgan_jax.train.codebook import CodebookState
 
 
 @struct.dataclass
@@ -20,6 +22,8 @@ class TrainState:
     disc_batch_stats: Any
     disc_opt_state: Any
     ema_params: Any  # None when config.optim.ema_decay == 0
+    codebook: CodebookState  # usage and EMA statistics of the quantiser's codebook
+    lecam: jax.Array  # [2] float32: EMAs of the discriminator's mean logits on real and fake (LeCAM)
     rng: jax.Array
 
 
@@ -44,12 +48,18 @@ def learning_rate(config) -> optax.Schedule:
     return optax.linear_schedule(0.0, peak, warmup) if warmup > 0 else optax.constant_schedule(peak)
 
 
-def optimizer(config) -> optax.GradientTransformation:
-    """Adam with the original's betas (0.5, 0.9), with optional global-norm clipping."""
-    adam = optax.adam(learning_rate(config), b1=config.optim.b1, b2=config.optim.b2)
+def optimizer(config, frozen_codebook: bool = False) -> optax.GradientTransformation:
+    """Adam with the original's betas (0.5, 0.9), with optional global-norm clipping. `frozen_codebook`:
+    the quantiser's codebook is left out (no update, no moments, not in the clipped norm): the EMA
+    codebook is computed, not learnt."""
+    tx = optax.adam(learning_rate(config), b1=config.optim.b1, b2=config.optim.b2)
     if config.optim.grad_clip > 0:
-        return optax.chain(optax.clip_by_global_norm(config.optim.grad_clip), adam)
-    return adam
+        tx = optax.chain(optax.clip_by_global_norm(config.optim.grad_clip), tx)
+    if frozen_codebook:
+        labels = lambda params: jax.tree_util.tree_map_with_path(  # noqa: E731
+            lambda path, _: "frozen" if codebook.is_codebook(path) else "trained", params)
+        tx = optax.multi_transform({"trained": tx, "frozen": optax.set_to_zero()}, labels)
+    return tx
 
 
 def build_models(config) -> Models:
@@ -57,7 +67,7 @@ def build_models(config) -> Models:
 
     vq = VQGAN(**config.model.to_dict())
     disc = NLayerDiscriminator(ndf=config.loss.disc_ndf, n_layers=config.loss.disc_num_layers)
-    return Models(vq, disc, optimizer(config), optimizer(config), LPIPS())
+    return Models(vq, disc, optimizer(config, frozen_codebook=config.codebook.ema), optimizer(config), LPIPS())
 
 
 def init_state(models: Models, config, rng) -> TrainState:
@@ -71,7 +81,9 @@ def init_state(models: Models, config, rng) -> TrainState:
     return TrainState(step=jnp.zeros((), jnp.int32), gen_params=gen_params,
                       gen_opt_state=models.gen_tx.init(gen_params), disc_params=disc_vars["params"],
                       disc_batch_stats=disc_vars["batch_stats"], disc_opt_state=models.disc_tx.init(disc_vars["params"]),
-                      ema_params=ema, rng=k_state)
+                      ema_params=ema,
+                      codebook=codebook.init_state(codebook.get_codebook(gen_params), config.codebook.ema),
+                      lecam=jnp.zeros((2,), jnp.float32), rng=k_state)
 
 
 def state_shapes(models: Models, config, mesh, rng):

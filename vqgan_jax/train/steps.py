@@ -15,6 +15,7 @@ import optax
 
 from vqgan_jax import losses
 from vqgan_jax.metrics import lpips_distance, psnr
+from vqgan_jax.train import codebook
 from vqgan_jax.train.state import Models, TrainState, learning_rate
 
 
@@ -72,26 +73,33 @@ def make_train_step(models: Models, config, gan_in_generator: bool, train_disc: 
         if gan_in_generator:
             gan = lambda x_rec: losses.generator_loss(disc_logits(state.disc_params, state.disc_batch_stats, x_rec)[0])  # noqa: E731
             g_loss, g_gan = jax.value_and_grad(gan)(x_rec)
-            last_layer = lambda cot: vjp_fn((cot, zero))[0]["decoder"]["conv_out"]["kernel"]  # noqa: E731
-            d_weight = losses.adaptive_weight(last_layer(g_rec), last_layer(g_gan), lc.disc_weight)
+            if lc.adaptive_weight:
+                last_layer = lambda cot: vjp_fn((cot, zero))[0]["decoder"]["conv_out"]["kernel"]  # noqa: E731
+                d_weight = losses.adaptive_weight(last_layer(g_rec), last_layer(g_gan), lc.disc_weight)
+            else:
+                d_weight = jnp.asarray(lc.disc_weight, jnp.float32)
             factor = losses.disc_factor(state.step, lc.disc_start, lc.disc_factor)
             image_cotangent = g_rec + d_weight * factor * g_gan
         grads = vjp_fn((image_cotangent, jnp.asarray(lc.codebook_weight, jnp.float32)))[0]
         updates, gen_opt_state = models.gen_tx.update(grads, state.gen_opt_state, state.gen_params)
         gen_params = optax.apply_updates(state.gen_params, updates)
+        gen_params, codebook_state, codebook_metrics = codebook.update(
+            config.codebook, gen_params, state.codebook, q.latents, q.indices, state.step,
+            jax.random.fold_in(rng, 1))
 
         metrics = {
             "total_loss": nll + d_weight * factor * g_loss + lc.codebook_weight * q_loss,
             "nll_loss": nll, "rec_loss": losses.pixel_loss(x, x_rec, lc.pixel_loss), "p_loss": p_loss,
             "quant_loss": q_loss, "g_loss": g_loss, "d_weight": d_weight, "disc_factor": factor,
             "codebook_usage": q.usage, "perplexity": q.perplexity, "psnr": jnp.mean(psnr(x, x_rec)),
-            "learning_rate": schedule(state.step),
+            "learning_rate": schedule(state.step), **codebook_metrics,
         }
         if lc.kind == "segmentation":  # x_rec holds logits: accuracy of the argmax label, not PSNR
             del metrics["psnr"], metrics["rec_loss"], metrics["p_loss"]
             metrics["pixel_accuracy"] = jnp.mean(jnp.argmax(x_rec, -1) == jnp.argmax(x, -1))
 
         disc_params, disc_opt_state, batch_stats = state.disc_params, state.disc_opt_state, state.disc_batch_stats
+        lecam = state.lecam
         if train_disc:
             fake = jax.lax.stop_gradient(x_rec)
 
@@ -102,19 +110,26 @@ def make_train_step(models: Models, config, gan_in_generator: bool, train_disc: 
                 fake_logits, stats = disc_logits(params, stats, fake)
                 weight = losses.disc_factor(state.step, disc_start_for_d, lc.disc_factor)
                 loss = weight * losses.discriminator_loss(real_logits, fake_logits, lc.disc_loss)
-                return loss, (stats, jnp.mean(real_logits), jnp.mean(fake_logits))
+                means = jnp.stack([jnp.mean(real_logits), jnp.mean(fake_logits)])
+                new_lecam = lecam
+                if lc.lecam_weight:
+                    new_lecam = lc.lecam_decay * lecam + (1.0 - lc.lecam_decay) * jax.lax.stop_gradient(means)
+                    reg = losses.lecam_regularizer(real_logits, fake_logits, new_lecam[0], new_lecam[1])
+                    loss = loss + weight * lc.lecam_weight * reg
+                return loss, (stats, means, new_lecam)
 
-            (d_loss, (batch_stats, real, fake_mean)), d_grads = jax.value_and_grad(disc_loss, has_aux=True)(disc_params)
+            (d_loss, (batch_stats, means, lecam)), d_grads = jax.value_and_grad(disc_loss, has_aux=True)(disc_params)
             d_updates, disc_opt_state = models.disc_tx.update(d_grads, disc_opt_state, disc_params)
             disc_params = optax.apply_updates(disc_params, d_updates)
-            metrics.update(disc_loss=d_loss, logits_real=real, logits_fake=fake_mean)
+            metrics.update(disc_loss=d_loss, logits_real=means[0], logits_fake=means[1])
 
         ema = state.ema_params
         if ema is not None:
             ema = optax.incremental_update(gen_params, ema, 1.0 - ema_decay)
         new_state = state.replace(step=state.step + 1, gen_params=gen_params, gen_opt_state=gen_opt_state,
                                   disc_params=disc_params, disc_batch_stats=batch_stats,
-                                  disc_opt_state=disc_opt_state, ema_params=ema)
+                                  disc_opt_state=disc_opt_state, ema_params=ema, codebook=codebook_state,
+                                  lecam=lecam)
         return new_state, metrics
 
     return step
@@ -130,8 +145,12 @@ def jit_train_step(models: Models, config, mesh, state_shardings, gan_in_generat
 
 
 def make_eval_step(models: Models) -> Callable:
-    """-> step(gen_params, images, lpips_params) -> (psnr [B], lpips [B], indices [B, h, w])."""
+    """-> step(gen_params, images, lpips_params) -> ({psnr, lpips, l1}: each [B], indices [B, h, w]).
+    The reconstruction is clipped to [-1, 1] first, as any image written out would be."""
     def step(gen_params, x, lpips_params):
         x_rec, q = models.vq.apply({"params": gen_params}, x)
-        return psnr(x, x_rec), lpips_distance(lpips_params, x, x_rec), q.indices
+        x_rec = jnp.clip(x_rec.astype(jnp.float32), -1.0, 1.0)
+        per_image = {"psnr": psnr(x, x_rec), "lpips": lpips_distance(lpips_params, x, x_rec),
+                     "l1": jnp.mean(jnp.abs(x - x_rec), axis=(1, 2, 3))}
+        return per_image, q.indices
     return step

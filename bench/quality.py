@@ -1,0 +1,140 @@
+"""Reconstruction quality at equal steps, our side of `../shared/bench/quality_original.py`.
+
+  python -m bench.quality --data ../shared/data/coco_train100 --n-train 80 --steps 200 --batch 8 --variant l2
+
+Trains the `vqgan_train_step` workload's VQGAN (discriminator off, as that script's default) on the first
+--n-train images by sorted name and evaluates on the rest; the recipe is the original's (learning rate
+4.5e-6 x batch, Adam (0.5, 0.9), L1 + LPIPS, legacy codebook loss) with the codebook of --variant:
+  faithful    the original's quantiser
+  l2          l2-normalised 8-dimensional codes
+  ema         EMA codebook (decay 0.99), codes unused for 10 steps restarted
+  l2_restart  l2-normalised 8-dimensional codes, codes unused for 10 steps restarted
+Prints one JSON line: psnr, lpips, l1 (clipped reconstructions of the centre crops, as the original's
+script), codes used over the last 50 training batches, eval codebook usage and perplexity, and seconds
+per step (mean of the last 50, each step waited for, compile excluded).
+"""
+
+import argparse
+import collections
+import json
+import os
+import tempfile
+import time
+
+import jax
+import numpy as np
+
+from bench.run import load_workloads, peak_rss_mb
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+VARIANTS = {
+    "faithful": {},
+    "l2": {"model.l2_normalize": True, "model.codebook_dim": 8, "model.legacy": False},
+    "ema": {"codebook.ema": True, "codebook.restart_dead": 10, "model.legacy": False},
+    "l2_restart": {"model.l2_normalize": True, "model.codebook_dim": 8, "model.legacy": False,
+                   "codebook.restart_dead": 10},
+}
+
+
+def build_config(workload: dict, variant: str, train_list: str, eval_list: str, steps: int, batch: int, seed: int,
+                 overrides=()):
+    from vqgan_jax.train.config import default_config
+
+    c = default_config()
+    model = dict(workload["model"])
+    model.update(ch_mult=tuple(model["ch_mult"]), attn_resolutions=tuple(model["attn_resolutions"]))
+    c.model.update(model)
+    c.loss.update(disc_start=100_000, disc_ndf=workload["disc"]["ndf"], disc_num_layers=workload["disc"]["n_layers"])
+    c.data.update(path=train_list, eval_path=eval_list, size=workload["image"][0])
+    c.update(batch_size=batch, total_steps=steps, seed=seed)
+    for key, value in [*VARIANTS[variant].items(), *overrides]:
+        section, field = key.split(".")
+        c[section][field] = value
+    return c
+
+
+def write_lists(folder: str, n_train: int, out_dir: str) -> tuple[str, str]:
+    names = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTS))
+    if not 0 < n_train < len(names):
+        raise ValueError(f"--n-train {n_train} leaves no training or no evaluation image among {len(names)}")
+    paths = []
+    for name, part in (("train.txt", names[:n_train]), ("eval.txt", names[n_train:])):
+        paths.append(os.path.join(out_dir, name))
+        with open(paths[-1], "w") as f:
+            f.write("".join(os.path.join(os.path.abspath(folder), n) + "\n" for n in part))
+    return paths[0], paths[1]
+
+
+def parse_override(text: str):
+    key, _, value = text.partition("=")
+    return key, json.loads(value)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--n-train", type=int, default=80)
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--variant", choices=sorted(VARIANTS), default="faithful")
+    ap.add_argument("--set", action="append", default=[], type=parse_override,
+                    help="extra config override, e.g. --set codebook.restart_dead=20 (value as JSON)")
+    ap.add_argument("--workload", default="vqgan_train_step")
+    args = ap.parse_args()
+
+    from vqgan_jax import data
+    from vqgan_jax.metrics import EvalAccumulator
+    from vqgan_jax.models import load_lpips_params
+    from vqgan_jax.train import codebook
+    from vqgan_jax.train.sharding import batch_sharding, make_mesh, replicated
+    from vqgan_jax.train.state import build_models, create_state
+    from vqgan_jax.train.steps import jit_train_step, make_eval_step, phase
+
+    workload = load_workloads()[args.workload]
+    with tempfile.TemporaryDirectory() as tmp:
+        train_list, eval_list = write_lists(args.data, args.n_train, tmp)
+        config = build_config(workload, args.variant, train_list, eval_list, args.steps, args.batch, args.seed,
+                              args.set)
+        codebook.check_config(config)
+        mesh = make_mesh(config.mesh)
+        models = build_models(config)
+        state, shardings = create_state(models, config, mesh, jax.random.PRNGKey(config.seed))
+        lpips_params = jax.device_put(load_lpips_params(), replicated(mesh))
+        source = data.train_iterator(config.data, global_batch_size=config.batch_size, seed=config.seed)
+        batches = data.prefetch_to_device(source, batch_sharding(mesh))
+        step_fn = jit_train_step(models, config, mesh, shardings, *phase(0, config.loss))
+        times, metrics = collections.deque(maxlen=50), None
+        t_start = time.perf_counter()
+        for step in range(config.total_steps):
+            batch = next(batches)
+            t0 = time.perf_counter()
+            state, metrics = step_fn(state, batch, lpips_params)
+            jax.block_until_ready(metrics)
+            (times.append if step else lambda t: None)(time.perf_counter() - t0)
+            if step == 0:
+                compile_s = time.perf_counter() - t0
+        train_metrics = jax.device_get(metrics)
+
+        eval_step = jax.jit(make_eval_step(models))
+        acc = EvalAccumulator()
+        for batch in data.eval_iterator(config.data, batch_size=config.batch_size):
+            per_image, idx = jax.device_get(eval_step(state.gen_params, batch["image"], lpips_params))
+            acc.update(idx, mask=batch.get("mask"), **per_image)
+        result = acc.result(config.model.n_embed)
+    print(json.dumps({
+        "variant": args.variant, "overrides": dict(args.set), "steps": args.steps, "batch": args.batch,
+        "seed": args.seed, **{k: result[k] for k in ("psnr", "lpips", "l1", "codes_used", "perplexity",
+                                                      "num_images")},
+        "eval_codebook_usage": result["codebook_usage"],
+        "train_codes_used_last50": int(train_metrics["codes_used_window"]),
+        "train_rec_loss_last": float(train_metrics["rec_loss"]),
+        "s_per_step_last50": float(np.mean(times)) if times else None, "compile_s": round(compile_s, 1),
+        "total_s": round(time.perf_counter() - t_start, 1), "peak_rss_mb": round(peak_rss_mb()),
+        "device": jax.devices()[0].device_kind,
+    }), flush=True)
+
+
+if __name__ == "__main__":
+    main()
