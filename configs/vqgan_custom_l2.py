@@ -1,10 +1,6 @@
-"""VQGAN on your own images, with the improved codebook: `vqgan_custom` with
-l2-normalised 8-dimensional codes, restarted when unused for 10 steps (`improved_codebook`), and the rest
-of LlamaGen's tokenizer recipe (Sun et al. 2024): codebook loss + 0.25 x commitment, Adam (0.9, 0.95) at
-1e-4 for batch 128, gradient clipping at 1, L2 + LPIPS reconstruction loss, GAN weight fixed at 0.5.
-Batch size and disc_start stay the faithful config's;
-the learning rate scales with the batch from LlamaGen's 1e-4 at 128.
-The original has no such quantiser: this model does not export to its checkpoint format.
+"""VQGAN on your own images: `vqgan_custom` with the improved codebook (l2-normalised 8-dimensional codes,
+restarted when unused) and LlamaGen's tokenizer recipe (`llamagen_recipe` lists it); its batch size and
+disc_start, the learning rate scaled to the batch.
 
   python train.py --config configs/vqgan_custom_l2.py --config.data.path=/my/images --workdir runs/custom_l2
 """
