@@ -215,7 +215,7 @@ def test_restarts_and_ema_agree_across_devices(tmp_path):
     np.testing.assert_array_equal(four["codebook/last_restart"], one["codebook/last_restart"])
     np.testing.assert_array_equal(four["codebook/last_used"], one["codebook/last_used"])
     for key in ("gen_params/quantize/embedding/embedding", "codebook/cluster_size", "codebook/embed_sum", "lecam"):
-        np.testing.assert_allclose(four[key], one[key], rtol=1e-5, atol=1e-6, err_msg=key)
+        np.testing.assert_allclose(four[key], one[key], rtol=1e-5, atol=1e-5, err_msg=key)  # latents: O(1)
 
 
 def test_taming_export_refuses_codebook_options():
