@@ -71,6 +71,59 @@ def parse_override(text: str):
     return key, json.loads(value)
 
 
+def run_quality(workload: dict, variant: str, data_dir: str, n_train: int, steps: int, batch: int, seed: int,
+                overrides=()) -> dict:
+    """Trains `steps` steps and evaluates -> the JSON record (see the module docstring)."""
+    from vqgan_jax import data
+    from vqgan_jax.metrics import EvalAccumulator
+    from vqgan_jax.models import load_lpips_params
+    from vqgan_jax.train import codebook
+    from vqgan_jax.train.sharding import batch_sharding, make_mesh, replicated
+    from vqgan_jax.train.state import build_models, create_state
+    from vqgan_jax.train.steps import jit_train_step, make_eval_step, phase
+
+    t_start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        train_list, eval_list = write_lists(data_dir, n_train, tmp)
+        config = build_config(workload, variant, train_list, eval_list, steps, batch, seed, overrides)
+        codebook.check_config(config)
+        mesh = make_mesh(config.mesh)
+        models = build_models(config)
+        state, shardings = create_state(models, config, mesh, jax.random.PRNGKey(config.seed))
+        lpips_params = jax.device_put(load_lpips_params(), replicated(mesh))
+        source = data.train_iterator(config.data, global_batch_size=config.batch_size, seed=config.seed)
+        batches = data.prefetch_to_device(source, batch_sharding(mesh))
+        step_fn = jit_train_step(models, config, mesh, shardings, *phase(0, config.loss))
+        times, compile_s = collections.deque(maxlen=50), None
+        for step in range(config.total_steps):
+            batch_arrays = next(batches)
+            t0 = time.perf_counter()
+            state, metrics = step_fn(state, batch_arrays, lpips_params)
+            jax.block_until_ready(metrics)
+            if step:
+                times.append(time.perf_counter() - t0)
+            else:
+                compile_s = time.perf_counter() - t0
+        train_metrics = jax.device_get(metrics)
+
+        eval_step = jax.jit(make_eval_step(models))
+        acc = EvalAccumulator()
+        for eval_batch in data.eval_iterator(config.data, batch_size=config.batch_size):
+            per_image, idx = jax.device_get(eval_step(state.gen_params, eval_batch["image"], lpips_params))
+            acc.update(idx, mask=eval_batch.get("mask"), **per_image)
+        result = acc.result(config.model.n_embed)
+    return {
+        "variant": variant, "overrides": dict(overrides), "steps": steps, "batch": batch, "seed": seed,
+        **{k: result[k] for k in ("psnr", "lpips", "l1", "codes_used", "perplexity", "num_images")},
+        "eval_codebook_usage": result["codebook_usage"],
+        "train_codes_used_last50": int(train_metrics["codes_used_window"]),
+        "train_rec_loss_last": float(train_metrics["rec_loss"]),
+        "s_per_step_last50": float(np.mean(times)) if times else None, "compile_s": round(compile_s, 1),
+        "total_s": round(time.perf_counter() - t_start, 1), "peak_rss_mb": round(peak_rss_mb()),
+        "device": jax.devices()[0].device_kind,
+    }
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", required=True)
@@ -83,57 +136,9 @@ def main():
                     help="extra config override, e.g. --set codebook.restart_dead=20 (value as JSON)")
     ap.add_argument("--workload", default="vqgan_train_step")
     args = ap.parse_args()
-
-    from vqgan_jax import data
-    from vqgan_jax.metrics import EvalAccumulator
-    from vqgan_jax.models import load_lpips_params
-    from vqgan_jax.train import codebook
-    from vqgan_jax.train.sharding import batch_sharding, make_mesh, replicated
-    from vqgan_jax.train.state import build_models, create_state
-    from vqgan_jax.train.steps import jit_train_step, make_eval_step, phase
-
-    workload = load_workloads()[args.workload]
-    with tempfile.TemporaryDirectory() as tmp:
-        train_list, eval_list = write_lists(args.data, args.n_train, tmp)
-        config = build_config(workload, args.variant, train_list, eval_list, args.steps, args.batch, args.seed,
-                              args.set)
-        codebook.check_config(config)
-        mesh = make_mesh(config.mesh)
-        models = build_models(config)
-        state, shardings = create_state(models, config, mesh, jax.random.PRNGKey(config.seed))
-        lpips_params = jax.device_put(load_lpips_params(), replicated(mesh))
-        source = data.train_iterator(config.data, global_batch_size=config.batch_size, seed=config.seed)
-        batches = data.prefetch_to_device(source, batch_sharding(mesh))
-        step_fn = jit_train_step(models, config, mesh, shardings, *phase(0, config.loss))
-        times, metrics = collections.deque(maxlen=50), None
-        t_start = time.perf_counter()
-        for step in range(config.total_steps):
-            batch = next(batches)
-            t0 = time.perf_counter()
-            state, metrics = step_fn(state, batch, lpips_params)
-            jax.block_until_ready(metrics)
-            (times.append if step else lambda t: None)(time.perf_counter() - t0)
-            if step == 0:
-                compile_s = time.perf_counter() - t0
-        train_metrics = jax.device_get(metrics)
-
-        eval_step = jax.jit(make_eval_step(models))
-        acc = EvalAccumulator()
-        for batch in data.eval_iterator(config.data, batch_size=config.batch_size):
-            per_image, idx = jax.device_get(eval_step(state.gen_params, batch["image"], lpips_params))
-            acc.update(idx, mask=batch.get("mask"), **per_image)
-        result = acc.result(config.model.n_embed)
-    print(json.dumps({
-        "variant": args.variant, "overrides": dict(args.set), "steps": args.steps, "batch": args.batch,
-        "seed": args.seed, **{k: result[k] for k in ("psnr", "lpips", "l1", "codes_used", "perplexity",
-                                                      "num_images")},
-        "eval_codebook_usage": result["codebook_usage"],
-        "train_codes_used_last50": int(train_metrics["codes_used_window"]),
-        "train_rec_loss_last": float(train_metrics["rec_loss"]),
-        "s_per_step_last50": float(np.mean(times)) if times else None, "compile_s": round(compile_s, 1),
-        "total_s": round(time.perf_counter() - t_start, 1), "peak_rss_mb": round(peak_rss_mb()),
-        "device": jax.devices()[0].device_kind,
-    }), flush=True)
+    record = run_quality(load_workloads()[args.workload], args.variant, args.data, args.n_train, args.steps,
+                         args.batch, args.seed, args.set)
+    print(json.dumps(record), flush=True)
 
 
 if __name__ == "__main__":

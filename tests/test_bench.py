@@ -63,3 +63,22 @@ def _largest_fusion(n_layer: int) -> int:
 def test_backward_fusions_do_not_grow_with_depth():
     shallow, deep = _largest_fusion(2), _largest_fusion(8)
     assert deep <= shallow + 4, (shallow, deep)
+
+
+def test_quality_record_on_a_tiny_model(tmp_path):
+    """bench.quality end to end: split by sorted name, train, evaluate the held-out images."""
+    from PIL import Image
+
+    from bench import quality
+
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    workload = {"model": {"ch": 32, "ch_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [], "resolution": 16,
+                          "z_channels": 8, "embed_dim": 8, "n_embed": 32, "dropout": 0.0},
+                "disc": {"ndf": 8, "n_layers": 2}, "image": [16, 16, 3]}
+    record = quality.run_quality(workload, "l2_restart", str(tmp_path), n_train=4, steps=3, batch=2, seed=0)
+    assert record["num_images"] == 2 and record["variant"] == "l2_restart"
+    assert 0 < record["train_codes_used_last50"] <= 32 and 0 < record["codes_used"] <= 32
+    assert np.isfinite([record["psnr"], record["lpips"], record["l1"], record["perplexity"]]).all()
+    assert len(quality.write_lists(str(tmp_path), 4, str(tmp_path))) == 2
