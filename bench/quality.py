@@ -26,20 +26,18 @@ import numpy as np
 
 from bench.run import load_workloads, peak_rss_mb
 
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-
+# Config overrides of each variant; "l2_restart" is `improved_codebook` itself, applied in build_config.
 VARIANTS = {
     "faithful": {},
-    "l2": {"model.l2_normalize": True, "model.codebook_dim": 8, "model.legacy": False},
+    "l2": {"codebook.restart_dead": 0},  # improved_codebook without its restarts
     "ema": {"codebook.ema": True, "codebook.restart_dead": 10, "model.legacy": False},
-    "l2_restart": {"model.l2_normalize": True, "model.codebook_dim": 8, "model.legacy": False,
-                   "codebook.restart_dead": 10},
+    "l2_restart": {},
 }
 
 
 def build_config(workload: dict, variant: str, train_list: str, eval_list: str, steps: int, batch: int, seed: int,
                  overrides=()):
-    from vqgan_jax.train.config import default_config
+    from vqgan_jax.train.config import default_config, improved_codebook
 
     c = default_config()
     model = dict(workload["model"])
@@ -48,6 +46,8 @@ def build_config(workload: dict, variant: str, train_list: str, eval_list: str, 
     c.loss.update(disc_start=100_000, disc_ndf=workload["disc"]["ndf"], disc_num_layers=workload["disc"]["n_layers"])
     c.data.update(path=train_list, eval_path=eval_list, size=workload["image"][0])
     c.update(batch_size=batch, total_steps=steps, seed=seed)
+    if variant in ("l2", "l2_restart"):
+        improved_codebook(c)
     for key, value in [*VARIANTS[variant].items(), *overrides]:
         section, field = key.split(".")
         c[section][field] = value
@@ -55,14 +55,16 @@ def build_config(workload: dict, variant: str, train_list: str, eval_list: str, 
 
 
 def write_lists(folder: str, n_train: int, out_dir: str) -> tuple[str, str]:
-    names = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTS))
-    if not 0 < n_train < len(names):
-        raise ValueError(f"--n-train {n_train} leaves no training or no evaluation image among {len(names)}")
+    from vqgan_jax.data import list_images
+
+    images = list_images(os.path.abspath(folder))
+    if not 0 < n_train < len(images):
+        raise ValueError(f"--n-train {n_train} leaves no training or no evaluation image among {len(images)}")
     paths = []
-    for name, part in (("train.txt", names[:n_train]), ("eval.txt", names[n_train:])):
+    for name, part in (("train.txt", images[:n_train]), ("eval.txt", images[n_train:])):
         paths.append(os.path.join(out_dir, name))
         with open(paths[-1], "w") as f:
-            f.write("".join(os.path.join(os.path.abspath(folder), n) + "\n" for n in part))
+            f.write("".join(p + "\n" for p in part))
     return paths[0], paths[1]
 
 
@@ -75,12 +77,12 @@ def run_quality(workload: dict, variant: str, data_dir: str, n_train: int, steps
                 overrides=()) -> dict:
     """Trains `steps` steps and evaluates -> the JSON record (see the module docstring)."""
     from vqgan_jax import data
-    from vqgan_jax.metrics import EvalAccumulator
     from vqgan_jax.models import load_lpips_params
     from vqgan_jax.train import codebook
+    from vqgan_jax.train.loop import reconstruction_metrics
     from vqgan_jax.train.sharding import batch_sharding, make_mesh, replicated
     from vqgan_jax.train.state import build_models, create_state
-    from vqgan_jax.train.steps import jit_train_step, make_eval_step, phase
+    from vqgan_jax.train.steps import jit_train_step, phase
 
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
@@ -106,12 +108,7 @@ def run_quality(workload: dict, variant: str, data_dir: str, n_train: int, steps
                 compile_s = time.perf_counter() - t0
         train_metrics = jax.device_get(metrics)
 
-        eval_step = jax.jit(make_eval_step(models))
-        acc = EvalAccumulator()
-        for eval_batch in data.eval_iterator(config.data, batch_size=config.batch_size):
-            per_image, idx = jax.device_get(eval_step(state.gen_params, eval_batch["image"], lpips_params))
-            acc.update(idx, mask=eval_batch.get("mask"), **per_image)
-        result = acc.result(config.model.n_embed)
+        result = reconstruction_metrics(models, config, state.gen_params, lpips_params)
     return {
         "variant": variant, "overrides": dict(overrides), "steps": steps, "batch": batch, "seed": seed,
         **{k: result[k] for k in ("psnr", "lpips", "l1", "codes_used", "perplexity", "num_images")},

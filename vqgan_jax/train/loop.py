@@ -141,6 +141,19 @@ def run(config, workdir: str):
     return state
 
 
+def reconstruction_metrics(models, config, params, lpips_params, split: str | None = None) -> dict:
+    """EvalAccumulator's result for the generator `params` over the evaluation split (the first
+    `config.eval_batches` batches when set)."""
+    step_fn = jax.jit(make_eval_step(models))
+    acc = EvalAccumulator()
+    for i, batch in enumerate(data.eval_iterator(config.data, batch_size=config.batch_size, split=split)):
+        if config.eval_batches and i >= config.eval_batches:
+            break
+        per_image, idx = jax.device_get(step_fn(params, jnp.asarray(batch["image"]), lpips_params))
+        acc.update(idx, mask=batch.get("mask"), **per_image)
+    return acc.result(config.model.n_embed)
+
+
 def evaluate(config, workdir: str, split: str | None = None) -> dict:
     """PSNR, LPIPS and codebook usage of the last checkpoint's generator (EMA if kept) over a split;
     written to `workdir/eval_<step>.json`."""
@@ -153,14 +166,7 @@ def evaluate(config, workdir: str, split: str | None = None) -> dict:
     mesh, models, lpips_params, _, checkpointer, state = _setup(config, workdir)
     checkpointer.close()
     params = state.ema_params if state.ema_params is not None else state.gen_params
-    step_fn = jax.jit(make_eval_step(models))
-    acc = EvalAccumulator()
-    for i, batch in enumerate(data.eval_iterator(config.data, batch_size=config.batch_size, split=split)):
-        if config.eval_batches and i >= config.eval_batches:
-            break
-        per_image, idx = jax.device_get(step_fn(params, jnp.asarray(batch["image"]), lpips_params))
-        acc.update(idx, mask=batch.get("mask"), **per_image)
-    result = dict(acc.result(config.model.n_embed), step=int(state.step))
+    result = dict(reconstruction_metrics(models, config, params, lpips_params, split), step=int(state.step))
     if jax.process_index() == 0:
         with open(os.path.join(workdir, f"eval_{int(state.step)}.json"), "w") as f:
             json.dump(result, f, indent=2)
