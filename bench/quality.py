@@ -3,8 +3,9 @@
   python -m bench.quality --data ../shared/data/coco_train100 --n-train 80 --steps 200 --batch 8 --variant l2
 
 Trains the `vqgan_train_step` workload's VQGAN (discriminator off, as that script's default) on the first
---n-train images by sorted name and evaluates on the rest; the recipe is the original's (learning rate
-4.5e-6 x batch, Adam (0.5, 0.9), L1 + LPIPS, legacy codebook loss) with the codebook of --variant:
+--n-train images by sorted name and evaluates on the rest; the recipe is the original's (PyTorch's
+initialisation, learning rate 4.5e-6 x batch, Adam (0.5, 0.9), L1 + LPIPS with the dropout of its train
+mode, legacy codebook loss) with the codebook of --variant:
   faithful    the original's quantiser
   l2          l2-normalised 8-dimensional codes
   ema         EMA codebook (decay 0.99), codes unused for 10 steps restarted

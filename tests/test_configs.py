@@ -60,6 +60,7 @@ def test_original_hyperparameters():
     assert (c.model.n_embed, c.model.ch_mult, c.model.attn_resolutions) == (16384, (1, 1, 2, 2, 4), (16,))
     assert (c.optim.base_learning_rate, c.optim.b1, c.optim.b2) == (4.5e-6, 0.5, 0.9)
     assert _load("vqgan_faceshq").get_config().loss.disc_start == 30001
+    assert (c.param_init, c.loss.perceptual_dropout) == ("torch", 0.5)  # PyTorch's init; LPIPS in train mode
     cin = _load("transformer_imagenet_cin").get_config().model
     assert (cin.vocab_size, cin.block_size, cin.n_layer, cin.n_head, cin.n_embd) == (16384, 256, 48, 24, 1536)
     faces = _load("transformer_faceshq").get_config()
@@ -82,6 +83,18 @@ def test_improved_configs_change_only_the_recipe(name):
     assert recipe <= changed <= recipe | {"batch_size", "loss.disc_start"}
     assert improved["model"]["codebook_dim"] == 8 and improved["model"]["l2_normalize"]
     assert improved["optim"]["base_learning_rate"] * 128 == pytest.approx(1e-4)
+
+
+def test_unknown_param_init_is_named():
+    import jax
+
+    from vqgan_jax.train.config import default_config, runlocal
+    from vqgan_jax.train.state import build_models, init_state
+
+    c = runlocal(default_config())
+    c.param_init = "xavier"
+    with pytest.raises(ValueError, match="param_init 'xavier'"):
+        jax.eval_shape(lambda key: init_state(build_models(c), c, key), jax.random.PRNGKey(0))
 
 
 @pytest.mark.parametrize("override, message", [("--config.data.pth=/x", "pth"),

@@ -112,6 +112,49 @@ def test_lpips_weights_unpickle_no_code(tmp_path):
         load_lpips_params(str(evil))
 
 
+def test_lpips_dropout_is_unbiased_and_off_outside_training(lpips_params):
+    """The original's training-mode LPIPS: dropout before the linear heads changes each draw but not the
+    expected distance (inverted dropout before a linear map); without `train` it is the plain distance."""
+    kx, ky = jax.random.split(jax.random.PRNGKey(5))
+    x = jax.random.uniform(kx, (2, 32, 32, 3), minval=-1, maxval=1)
+    y = jax.random.uniform(ky, (2, 32, 32, 3), minval=-1, maxval=1)
+    plain = vj.LPIPS().apply({"params": lpips_params}, x, y)
+    dropped = vj.LPIPS(dropout=0.5)
+    np.testing.assert_array_equal(dropped.apply({"params": lpips_params}, x, y), plain)
+    draw = jax.jit(jax.vmap(lambda key: dropped.apply({"params": lpips_params}, x, y, train=True,
+                                                      rngs={"dropout": key})))
+    draws = np.asarray(draw(jax.random.split(jax.random.PRNGKey(6), 16)))  # [16, 2]
+    assert np.all(np.abs(draws - plain) > 1e-6 * np.abs(plain))
+    assert len(np.unique(draws[:, 0])) == 16
+    np.testing.assert_allclose(draws.mean(0), plain, rtol=0.02)
+
+
+def test_torch_default_init_draws_within_fan_in_bounds():
+    from vqgan_jax.models.init import torch_default_init
+
+    params = {"conv": {"kernel": jnp.zeros((3, 3, 64, 32)), "bias": jnp.zeros((32,))},
+              "block": {"dense": {"kernel": jnp.zeros((400, 300)), "bias": jnp.zeros((300,), jnp.bfloat16)},
+                        "norm": {"scale": jnp.ones((8,)), "bias": jnp.zeros((8,))}},
+              "codebook": {"embedding": jnp.full((16, 4), 0.5)}}
+    out = torch_default_init(params, jax.random.PRNGKey(0))
+    assert jax.tree_util.tree_structure(out) == jax.tree_util.tree_structure(params)
+    assert jax.tree_util.tree_map(lambda a: (a.shape, a.dtype), out) == \
+        jax.tree_util.tree_map(lambda a: (a.shape, a.dtype), params)
+    for layer, fan_in in ((out["conv"], 3 * 3 * 64), (out["block"]["dense"], 400)):
+        bound = 1 / np.sqrt(fan_in)
+        for name in ("kernel", "bias"):
+            v = np.asarray(layer[name], np.float32)
+            assert 0.9 * bound < np.abs(v).max() <= bound * (1 + 2 ** -8)  # bfloat16 rounds the bound
+        # uniform on [-b, b]: standard deviation b / sqrt(3) (PyTorch's kaiming_uniform with a = sqrt(5))
+        assert np.std(np.asarray(layer["kernel"])) == pytest.approx(bound / np.sqrt(3), rel=0.02)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, out["block"]["norm"], params["block"]["norm"])
+    np.testing.assert_array_equal(out["codebook"]["embedding"], params["codebook"]["embedding"])
+    assert not np.array_equal(out["conv"]["kernel"], torch_default_init(params, jax.random.PRNGKey(1))["conv"]["kernel"])
+    biases_only = torch_default_init(params, jax.random.PRNGKey(0), kernels=False)
+    np.testing.assert_array_equal(biases_only["conv"]["kernel"], 0.0)
+    assert np.abs(np.asarray(biases_only["conv"]["bias"])).min() > 0
+
+
 @pytest.fixture(scope="module")
 def tiny_vq():
     model = vj.VQGAN(**TINY)

@@ -28,11 +28,12 @@ def test_sample_greedy_reproduces_the_original(taming, small_gpt):
     np.testing.assert_array_equal(out, taming["gpt/greedy"])
 
 
-def test_sample_windowed_greedy_reproduces_the_original(taming, window_gpt):
+@pytest.mark.parametrize("prefill_chunk", [64, 5, 10_000])  # 5 divides no window area; 10_000: one chunk
+def test_sample_windowed_greedy_reproduces_the_original(taming, window_gpt, prefill_chunk):
     gpt, params = window_gpt
     cond = taming["window/cond"]
     out = sample_windowed(gpt, params, cond, shape=cond.shape[1:], rng=jax.random.PRNGKey(0),
-                          window=taming.meta["window"]["window"], greedy=True)
+                          window=taming.meta["window"]["window"], greedy=True, prefill_chunk=prefill_chunk)
     np.testing.assert_array_equal(out, taming["window/sample"])
 
 

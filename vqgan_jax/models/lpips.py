@@ -67,11 +67,16 @@ def _unit_normalize(x, eps=1e-10):
 
 
 class LPIPS(nn.Module):
-    """(x, y): [B, H, W, 3] in [-1, 1] -> [B] perceptual distances (0 for identical images)."""
+    """(x, y): [B, H, W, 3] in [-1, 1] -> [B] perceptual distances (0 for identical images).
+
+    `dropout`: the rate of the dropout before each linear head (taming's `NetLinLayer`, 0.5 there), active
+    only with `train=True` (then call `apply` with a "dropout" rng): the original trains its autoencoder
+    with the loss module in train mode, so its perceptual loss is a dropped-out one."""
     dtype: Dtype = jnp.float32
+    dropout: float = 0.0
 
     @nn.compact
-    def __call__(self, x, y):
+    def __call__(self, x, y, train: bool = False):
         if x.shape != y.shape or x.ndim != 4 or x.shape[-1] != 3:
             raise ValueError(f"LPIPS expects two [B, H, W, 3] batches of one shape, got {x.shape} and {y.shape}")
         shift, scale = jnp.asarray(SHIFT), jnp.asarray(SCALE)
@@ -82,6 +87,7 @@ class LPIPS(nn.Module):
         total = 0.0
         for i, (fx, fy) in enumerate(zip(feats_x, feats_y)):
             diff = (_unit_normalize(fx) - _unit_normalize(fy)) ** 2
+            diff = nn.Dropout(self.dropout, deterministic=not train or not self.dropout)(diff)
             head = nn.Conv(1, (1, 1), use_bias=False, dtype=self.dtype, name=f"lin{i}")
             total = total + jnp.mean(head(diff), axis=(1, 2, 3))
         return total

@@ -12,9 +12,11 @@ sequence for every code):
     attention is causal), so they are computed for every window column of a row band at once, whenever
     the band moves (17 x 17 crops for a 32x32 grid and a 16 window, instead of 1024), and installed in
     the cache when the window moves;
-  * the window's codes before p: when the window moves they are run in chunks of `window` tokens on top
-    of the installed condition; while the window stays put (the first window // 2 + 1 and the last
-    window // 2 columns of every row, the whole top and bottom bands) each new code costs one token.
+  * the window's codes before p: when the window moves they are run in chunks of `prefill_chunk` tokens
+    on top of the installed condition; while the window stays put (the first window // 2 + 1 and the
+    last window // 2 columns of every row, the whole top and bottom bands) each new code costs one token.
+    Chunks trade padding for calls: on a CPU each forward call reads all the weights once, so a few
+    64-token chunks beat many 16-token ones although they run more padding tokens (README, Benchmarks).
 """
 
 from functools import partial
@@ -51,9 +53,10 @@ def placement(shape, window: int):
     return rows, cols, moved
 
 
-@partial(jax.jit, static_argnames=("gpt", "shape", "window", "top_k", "use_top_p", "greedy", "grid_cond"))
+@partial(jax.jit, static_argnames=("gpt", "shape", "window", "top_k", "use_top_p", "greedy", "grid_cond",
+                                   "prefill_chunk"))
 def _sample_windowed(gpt, params, cond, init, mask, rng, temperature, top_p, *, shape, window, top_k,
-                     use_top_p, greedy, grid_cond):
+                     use_top_p, greedy, grid_cond, prefill_chunk):
     dec = decoder(gpt)
     h, w = shape
     b = init.shape[0]
@@ -75,21 +78,27 @@ def _sample_windowed(gpt, params, cond, init, mask, rng, temperature, top_p, *, 
         kv = jax.tree.map(lambda a: a.reshape(n_cols, b, *a.shape[1:]) if a.ndim else a, keys_values(cache, n))
         return kv, logits[:, -1].reshape(n_cols, b, -1)
 
+    # Chunk starts are clamped so that no chunk runs past window position area - 2 (the last one any code
+    # needs): the cache then never needs more than n + area - 1 slots, whatever the chunk size. A clamped
+    # chunk recomputes some positions of the one before: same tokens, same keys and values.
+    chunk = min(prefill_chunk, area - 1)
+
     def prefill(cache, band, band_logits, col, window_codes, p):
         """Installs the condition of window column `col`, runs the window's codes [0, p) on it in chunks
         -> (cache of length n + p, logits predicting code p)."""
         cache = install(cache, jax.tree.map(lambda a: a[col] if a.ndim else a, band), n)
 
-        def chunk(c, carry):
+        def run_chunk(c, carry):
             cache, last = carry
-            tokens = jax.lax.dynamic_slice_in_dim(window_codes, c * window, window, axis=1)
-            logits, cache = forward(dec, params, cache, tokens)
+            start = jnp.minimum(c * chunk, area - 1 - chunk)
+            tokens = jax.lax.dynamic_slice_in_dim(window_codes, start, chunk, axis=1)
+            logits, cache = forward(dec, params, set_length(cache, n + start), tokens)
             # The chunk that holds code p - 1 gives the prediction of code p.
-            holds = (p - 1) // window == c
-            return cache, jnp.where(holds, logits[:, (p - 1) % window], last)
+            holds = (p - 1) // chunk == c
+            return cache, jnp.where(holds, logits[:, p - 1 - start], last)
 
-        cache, last = jax.lax.fori_loop(0, (p + window - 1) // window, chunk, (cache, band_logits[col]))
-        return set_length(cache, n + p), last  # the last chunk's padding lies beyond the length: unused
+        cache, last = jax.lax.fori_loop(0, (p + chunk - 1) // chunk, run_chunk, (cache, band_logits[col]))
+        return set_length(cache, n + p), last  # codes from p on, run as padding, lie beyond the length
 
     def position(k, carry):
         grid, cache, band, band_logits, last = carry
@@ -122,7 +131,7 @@ def _sample_windowed(gpt, params, cond, init, mask, rng, temperature, top_p, *, 
 
 def sample_windowed(gpt, params, cond, shape, rng, window: int = 16, temperature: float = 1.0,
                     top_k: int | None = None, top_p: float | None = None, greedy: bool = False, init=None,
-                    mask=None):
+                    mask=None, prefill_chunk: int = 64):
     """Samples an H x W code grid with a sliding window x window attention window, in one jitted program.
 
     cond: int [B, H, W] conditioning codes (segmentation, depth: cropped with the window and placed before
@@ -131,6 +140,7 @@ def sample_windowed(gpt, params, cond, shape, rng, window: int = 16, temperature
     shape: (H, W), each >= window. init / mask: optional int [B, H, W] codes and bool [B, H, W]: only the
       codes where mask is True are drawn, the others are kept from init (in- and out-painting).
     temperature, top_k, top_p, greedy: as `sample`.
+    prefill_chunk: tokens per forward call when a moved window's codes are run (a speed knob only).
     -> int32 [B, H, W].
     """
     h, w = shape = tuple(int(s) for s in shape)
@@ -141,6 +151,8 @@ def sample_windowed(gpt, params, cond, shape, rng, window: int = 16, temperature
         raise ValueError(f"the conditioning grid {tuple(cond.shape[1:])} must have the sampled shape {shape}")
     if not grid_cond and (cond.ndim != 2 or cond.shape[1] < 1):
         raise ValueError(f"cond must be int [B, H, W] (a grid) or [B, n] (n >= 1 tokens), got {tuple(cond.shape)}")
+    if prefill_chunk < 1:
+        raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
     if h < window or w < window:
         raise ValueError(f"the grid {shape} is smaller than the window {window}: use sample")
     n = window * window if grid_cond else cond.shape[1]
@@ -154,4 +166,5 @@ def sample_windowed(gpt, params, cond, shape, rng, window: int = 16, temperature
         raise ValueError(f"init and mask must be [B, H, W] = {(b, h, w)}, got {tuple(init.shape)} and {tuple(mask.shape)}")
     return _sample_windowed(gpt, params, cond.astype(jnp.int32), init.astype(jnp.int32), mask, rng,
                             jnp.float32(temperature), jnp.float32(top_p or 1.0), shape=shape, window=window,
-                            top_k=top_k, use_top_p=top_p is not None, greedy=greedy, grid_cond=grid_cond)
+                            top_k=top_k, use_top_p=top_p is not None, greedy=greedy, grid_cond=grid_cond,
+                            prefill_chunk=int(prefill_chunk))

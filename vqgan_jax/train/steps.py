@@ -63,7 +63,8 @@ def make_train_step(models: Models, config, gan_in_generator: bool, train_disc: 
         def rec_loss(x_rec):
             if lc.kind == "segmentation":
                 return losses.bce_with_logits(x_rec, x), jnp.zeros((), jnp.float32)
-            d = models.lpips.apply({"params": lpips_params}, x, x_rec)
+            d = models.lpips.apply({"params": lpips_params}, x, x_rec, train=True,
+                                   rngs={"dropout": jax.random.fold_in(rng, 2)})
             nll = losses.reconstruction_loss(x, x_rec, d, lc.perceptual_weight, lc.pixelloss_weight, lc.pixel_loss)
             return nll, jnp.mean(d)
 
