@@ -56,20 +56,21 @@ def bench_window_sample(spec: dict, workloads: dict, repeats: int, dtype: str) -
                 grid=[h, w], window=win, top_k=100, dtype=dtype, tokens_forwarded=window_tokens(h, w, win))
 
 
-def window_tokens(h: int, w: int, win: int) -> dict:
+def window_tokens(h: int, w: int, win: int, prefill_chunk: int = 64) -> dict:
     """Tokens run through the transformer for one grid: ours (condition prefixes per row band and window
-    column, window prefills in chunks of `win`, one token per stationary position) against the original's
+    column, window prefills in chunks, one token per stationary position) against the original's
     2 * win**2 - 1 per position."""
-    from vqgan_jax.sampling.windowed import placement
+    from vqgan_jax.sampling.windowed import chunk_sizes, placement
 
     rows, cols, moved = placement((h, w), win)
     area = win * win
+    big, small = chunk_sizes(win, prefill_chunk)
     bands = len(set(rows.tolist())) * (int(cols.max()) + 1) * area
     prefill = stationary = 0
     for k, m in enumerate(moved):
         p = (k // w - rows[k // w]) * win + (k % w - cols[k % w])
         if m:
-            prefill += -(-p // win) * win
+            prefill += p // big * big + -(-(p % big) // small) * small
         else:
             stationary += 1
     ours = bands + prefill + stationary

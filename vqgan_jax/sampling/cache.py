@@ -35,15 +35,9 @@ def forward(dec, params, cache, tokens):
     return logits, updated["cache"]
 
 
-def keys_values(cache, n: int):
-    """The first n positions of every layer's keys and values: a pytree like `cache` with [B, heads, n,
-    head_dim] leaves (and the length leaves unchanged)."""
-    return jax.tree_util.tree_map_with_path(
-        lambda path, leaf: leaf if _name(path) in _LENGTH_LEAVES else leaf[:, :, :n], cache)
-
-
 def install(cache, prefix, n):
-    """Writes a `keys_values` prefix into positions [0, n) of `cache` and sets its length to n."""
+    """Writes `prefix`, the cache of a decoder of block_size n (same layers: leaves [B, heads, n,
+    head_dim]), into positions [0, n) of `cache` and sets its length to n."""
     def put(path, leaf, pre):
         if _name(path) in _LENGTH_LEAVES:
             return jnp.asarray(n, leaf.dtype)

@@ -12,11 +12,11 @@ sequence for every code):
     attention is causal), so they are computed for every window column of a row band at once, whenever
     the band moves (17 x 17 crops for a 32x32 grid and a 16 window, instead of 1024), and installed in
     the cache when the window moves;
-  * the window's codes before p: when the window moves they are run in chunks of `prefill_chunk` tokens
-    on top of the installed condition; while the window stays put (the first window // 2 + 1 and the
-    last window // 2 columns of every row, the whole top and bottom bands) each new code costs one token.
-    Chunks trade padding for calls: on a CPU each forward call reads all the weights once, so a few
-    64-token chunks beat many 16-token ones although they run more padding tokens (README, Benchmarks).
+  * the window's codes before p: when the window moves they are run in chunks of up to `prefill_chunk`
+    tokens on top of the installed condition; while the window stays put (the first window // 2 + 1 and
+    the last window // 2 columns of every row, the whole top and bottom bands) each new code costs one
+    token. Each forward call reads all the weights once, so a few large chunks beat many small ones
+    (README, Benchmarks).
 """
 
 from functools import partial
@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vqgan_jax.models.checks import check_codes
-from vqgan_jax.sampling.cache import decoder, empty_cache, forward, install, keys_values, set_length
+from vqgan_jax.sampling.cache import decoder, empty_cache, forward, install, set_length
 from vqgan_jax.sampling.filters import draw, filter_logits
 
 
@@ -53,6 +53,13 @@ def placement(shape, window: int):
     return rows, cols, moved
 
 
+def chunk_sizes(window: int, prefill_chunk: int) -> tuple[int, int]:
+    """(big, small): a moved window's codes [0, p) run as whole chunks of `big` tokens, then the rest in
+    chunks of `small` (the last one padded)."""
+    big = min(prefill_chunk, window * window - 1)
+    return big, max(1, min(window, big // 4))
+
+
 @partial(jax.jit, static_argnames=("gpt", "shape", "window", "top_k", "use_top_p", "greedy", "grid_cond",
                                    "prefill_chunk"))
 def _sample_windowed(gpt, params, cond, init, mask, rng, temperature, top_p, *, shape, window, top_k,
@@ -74,30 +81,40 @@ def _sample_windowed(gpt, params, cond, init, mask, rng, temperature, top_p, *, 
             tokens = jnp.stack([band[:, :, c:c + window].reshape(b, area) for c in range(n_cols)])
         else:
             tokens = cond[None]
-        logits, cache = forward(dec, params, empty_cache(dec, n_cols * b), tokens.reshape(n_cols * b, n))
-        kv = jax.tree.map(lambda a: a.reshape(n_cols, b, *a.shape[1:]) if a.ndim else a, keys_values(cache, n))
+        # A decoder whose cache holds just the n condition positions: attention over n keys, not over a
+        # block_size cache half of which is masked (the prefixes are the sampler's largest forward calls).
+        short = gpt.clone(decode=True, block_size=n, parent=None)
+        short_params = dict(params, pos_emb=params["pos_emb"][:, :n])
+        logits, cache = forward(short, short_params, empty_cache(short, n_cols * b), tokens.reshape(n_cols * b, n))
+        kv = jax.tree.map(lambda a: a.reshape(n_cols, b, *a.shape[1:]) if a.ndim else a, cache)
         return kv, logits[:, -1].reshape(n_cols, b, -1)
 
-    # Chunk starts are clamped so that no chunk runs past window position area - 2 (the last one any code
-    # needs): the cache then never needs more than n + area - 1 slots, whatever the chunk size. A clamped
-    # chunk recomputes some positions of the one before: same tokens, same keys and values.
-    chunk = min(prefill_chunk, area - 1)
+    big, small = chunk_sizes(window, prefill_chunk)
 
     def prefill(cache, band, band_logits, col, window_codes, p):
-        """Installs the condition of window column `col`, runs the window's codes [0, p) on it in chunks
-        -> (cache of length n + p, logits predicting code p)."""
+        """Installs the condition of window column `col`, runs the window's codes [0, p) on it -> (cache of
+        length n + p, logits predicting code p). Whole `big` chunks first, then the rest in `small` ones:
+        less padding than `big` chunks alone, far fewer calls than `small` ones."""
         cache = install(cache, jax.tree.map(lambda a: a[col] if a.ndim else a, band), n)
 
-        def run_chunk(c, carry):
-            cache, last = carry
-            start = jnp.minimum(c * chunk, area - 1 - chunk)
-            tokens = jax.lax.dynamic_slice_in_dim(window_codes, start, chunk, axis=1)
-            logits, cache = forward(dec, params, set_length(cache, n + start), tokens)
-            # The chunk that holds code p - 1 gives the prediction of code p.
-            holds = (p - 1) // chunk == c
-            return cache, jnp.where(holds, logits[:, p - 1 - start], last)
+        def run(cache, last, first, end, size):
+            """Codes [first, end) in chunks of `size`, the last one padded with the codes after them."""
+            def body(c, carry):
+                cache, last = carry
+                # Clamped so that no chunk runs past window position area - 2 (the last any code needs):
+                # the cache never needs more than n + area - 1 slots. A clamped chunk recomputes positions
+                # of the one before: same tokens, same keys and values.
+                start = jnp.minimum(first + c * size, area - 1 - size)
+                tokens = jax.lax.dynamic_slice_in_dim(window_codes, start, size, axis=1)
+                logits, cache = forward(dec, params, set_length(cache, n + start), tokens)
+                # The chunk that holds code p - 1 gives the prediction of code p.
+                holds = (start <= p - 1) & (p - 1 < start + size)
+                return cache, jnp.where(holds, logits[:, jnp.clip(p - 1 - start, 0, size - 1)], last)
+            return jax.lax.fori_loop(0, (end - first + size - 1) // size, body, (cache, last))
 
-        cache, last = jax.lax.fori_loop(0, (p + chunk - 1) // chunk, run_chunk, (cache, band_logits[col]))
+        cut = p // big * big
+        cache, last = run(cache, band_logits[col], 0, cut, big)
+        cache, last = run(cache, last, cut, p, small)
         return set_length(cache, n + p), last  # codes from p on, run as padding, lie beyond the length
 
     def position(k, carry):
@@ -140,7 +157,8 @@ def sample_windowed(gpt, params, cond, shape, rng, window: int = 16, temperature
     shape: (H, W), each >= window. init / mask: optional int [B, H, W] codes and bool [B, H, W]: only the
       codes where mask is True are drawn, the others are kept from init (in- and out-painting).
     temperature, top_k, top_p, greedy: as `sample`.
-    prefill_chunk: tokens per forward call when a moved window's codes are run (a speed knob only).
+    prefill_chunk: the largest number of tokens per forward call when a moved window's codes are run (a
+      speed knob only: the samples are the same).
     -> int32 [B, H, W].
     """
     h, w = shape = tuple(int(s) for s in shape)
