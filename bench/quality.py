@@ -50,8 +50,11 @@ def build_config(workload: dict, variant: str, train_list: str, eval_list: str, 
     if variant in ("l2", "l2_restart"):
         improved_codebook(c)
     for key, value in [*VARIANTS[variant].items(), *overrides]:
-        section, field = key.split(".")
-        c[section][field] = value
+        *sections, field = key.split(".")
+        target = c
+        for section in sections:
+            target = target[section]
+        target[field] = value
     return c
 
 
@@ -131,7 +134,8 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--variant", choices=sorted(VARIANTS), default="faithful")
     ap.add_argument("--set", action="append", default=[], type=parse_override,
-                    help="extra config override, e.g. --set codebook.restart_dead=20 (value as JSON)")
+                    help='extra config override, e.g. --set codebook.restart_dead=20 or --set param_init=\'"flax"\' '
+                         '(value as JSON)')
     ap.add_argument("--workload", default="vqgan_train_step")
     args = ap.parse_args()
     record = run_quality(load_workloads()[args.workload], args.variant, args.data, args.n_train, args.steps,

@@ -82,3 +82,14 @@ def test_quality_record_on_a_tiny_model(tmp_path):
     assert 0 < record["train_codes_used_last50"] <= 32 and 0 < record["codes_used"] <= 32
     assert np.isfinite([record["psnr"], record["lpips"], record["l1"], record["perplexity"]]).all()
     assert len(quality.write_lists(str(tmp_path), 4, str(tmp_path))) == 2
+
+
+def test_quality_overrides_reach_top_level_and_nested_fields():
+    from bench import quality
+    from bench.run import load_workloads
+
+    sets = [quality.parse_override(s) for s in ('param_init="flax"', "loss.perceptual_dropout=0",
+                                                 "codebook.restart_dead=20")]
+    c = quality.build_config(load_workloads()["vqgan_train_step"], "l2_restart", "t.txt", "e.txt", 10, 8, 0, sets)
+    assert (c.param_init, c.loss.perceptual_dropout, c.codebook.restart_dead) == ("flax", 0, 20)
+    assert c.model.l2_normalize and c.model.codebook_dim == 8  # the variant's own settings stay
