@@ -140,6 +140,8 @@ def test_bad_requests_are_named(small_gpt, window_gpt):
         sample_windowed(wgpt, wparams, jnp.array([[3]]), shape=(8, 20), rng=jax.random.PRNGKey(0))
     with pytest.raises(ValueError, match="must have the sampled shape"):
         sample_windowed(wgpt, wparams, jnp.zeros((1, 16, 17), jnp.int32), shape=(16, 16), rng=jax.random.PRNGKey(0))
+    with pytest.raises(ValueError, match="prefill_chunk >= 1"):
+        sample_windowed(wgpt, wparams, jnp.array([[3]]), shape=(16, 16), rng=jax.random.PRNGKey(0), prefill_chunk=0)
 
 
 def test_sample_cli_writes_a_wider_image_than_the_training_crop(tmp_path):

@@ -169,8 +169,8 @@ def sample_windowed(gpt, params, cond, shape, rng, window: int = 16, temperature
         raise ValueError(f"the conditioning grid {tuple(cond.shape[1:])} must have the sampled shape {shape}")
     if not grid_cond and (cond.ndim != 2 or cond.shape[1] < 1):
         raise ValueError(f"cond must be int [B, H, W] (a grid) or [B, n] (n >= 1 tokens), got {tuple(cond.shape)}")
-    if prefill_chunk < 1:
-        raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+    if prefill_chunk < 1 or window < 2:
+        raise ValueError(f"need prefill_chunk >= 1 and window >= 2, got {prefill_chunk} and {window}")
     if h < window or w < window:
         raise ValueError(f"the grid {shape} is smaller than the window {window}: use sample")
     n = window * window if grid_cond else cond.shape[1]
