@@ -7,9 +7,10 @@ import jax.numpy as jnp
 _LENGTH_LEAVES = ("cache_index", "position")
 
 
-def decoder(gpt):
-    """The same GPT in decoding mode (same parameters)."""
-    return gpt.clone(decode=True, parent=None)
+def decoder(gpt, block_size: int | None = None):
+    """The same GPT in decoding mode (same parameters). `block_size`: a shorter cache, for prefixes of at
+    most that many positions; its parameters are the GPT's with `pos_emb` cut to that length."""
+    return gpt.clone(decode=True, parent=None, **({} if block_size is None else {"block_size": block_size}))
 
 
 def empty_cache(dec, batch: int):

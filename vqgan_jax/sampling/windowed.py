@@ -83,7 +83,7 @@ def _sample_windowed(gpt, params, cond, init, mask, rng, temperature, top_p, *, 
             tokens = cond[None]
         # A decoder whose cache holds just the n condition positions: attention over n keys, not over a
         # block_size cache half of which is masked (the prefixes are the sampler's largest forward calls).
-        short = gpt.clone(decode=True, block_size=n, parent=None)
+        short = decoder(gpt, block_size=n)
         short_params = dict(params, pos_emb=params["pos_emb"][:, :n])
         logits, cache = forward(short, short_params, empty_cache(short, n_cols * b), tokens.reshape(n_cols * b, n))
         kv = jax.tree.map(lambda a: a.reshape(n_cols, b, *a.shape[1:]) if a.ndim else a, cache)
