@@ -22,7 +22,7 @@ def get_config(arg=None):
     c.image_every = 80
     c.checkpoint_every = 80
     c.model.update(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(8,), resolution=32,
-                   z_channels=32, embed_dim=32, n_embed=256)
+                   z_channels=32, n_embed=256)
     c.loss.update(disc_start=120, disc_ndf=32, disc_num_layers=2)
     c.optim.base_learning_rate = 2e-5  # the original's 4.5e-6 is tuned for long runs
     improved_codebook(c)

@@ -92,4 +92,4 @@ def test_quality_overrides_reach_top_level_and_nested_fields():
                                                  "codebook.restart_dead=20")]
     c = quality.build_config(load_workloads()["vqgan_train_step"], "l2_restart", "t.txt", "e.txt", 10, 8, 0, sets)
     assert (c.param_init, c.loss.perceptual_dropout, c.codebook.restart_dead) == ("flax", 0, 20)
-    assert c.model.l2_normalize and c.model.codebook_dim == 8  # the variant's own settings stay
+    assert c.model.l2_normalize and c.model.embed_dim == 8  # the variant's own settings stay

@@ -77,11 +77,11 @@ def test_improved_configs_change_only_the_recipe(name):
     changed = {f"{section}.{k}" for section in faithful if isinstance(faithful[section], dict)
                for k in faithful[section] if faithful[section][k] != improved[section][k]}
     changed |= {k for k in faithful if not isinstance(faithful[k], dict) and faithful[k] != improved[k]}
-    recipe = {"model.l2_normalize", "model.codebook_dim", "model.legacy", "codebook.restart_dead",
+    recipe = {"model.l2_normalize", "model.embed_dim", "model.legacy", "codebook.restart_dead",
               "optim.base_learning_rate", "optim.b1",
               "optim.b2", "optim.grad_clip", "loss.pixel_loss", "loss.disc_weight", "loss.adaptive_weight"}
     assert recipe <= changed <= recipe | {"batch_size", "loss.disc_start"}
-    assert improved["model"]["codebook_dim"] == 8 and improved["model"]["l2_normalize"]
+    assert improved["model"]["embed_dim"] == 8 and improved["model"]["l2_normalize"]
     assert improved["optim"]["base_learning_rate"] * 128 == pytest.approx(1e-4)
 
 

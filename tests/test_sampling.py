@@ -28,7 +28,8 @@ def test_sample_greedy_reproduces_the_original(taming, small_gpt):
     np.testing.assert_array_equal(out, taming["gpt/greedy"])
 
 
-@pytest.mark.parametrize("prefill_chunk", [64, 5, 10_000])  # 5 divides no window area; 10_000: one chunk
+# 5 divides no window area; 1: every code its own call; 10_000: one chunk for the whole window
+@pytest.mark.parametrize("prefill_chunk", [128, 5, 1, 10_000])
 def test_sample_windowed_greedy_reproduces_the_original(taming, window_gpt, prefill_chunk):
     gpt, params = window_gpt
     cond = taming["window/cond"]
@@ -37,10 +38,44 @@ def test_sample_windowed_greedy_reproduces_the_original(taming, window_gpt, pref
     np.testing.assert_array_equal(out, taming["window/sample"])
 
 
+def _windowed_reference(gpt, params, cond, shape, window):
+    """The original's loop, greedy: for every position one uncached forward pass over the condition (crop
+    or tokens) and the window's codes before it."""
+    h, w = shape
+    b = cond.shape[0]
+    length = (window * window if cond.ndim == 3 else cond.shape[1]) + window * window - 1
+    # Padded to one length (one compile): attention is causal, so the padding never reaches the last code.
+    last_logits = jax.jit(lambda seq, at: gpt.apply({"params": params}, seq)[jnp.arange(b), at])
+    grid = np.zeros((b, h, w), np.int32)
+    for i in range(h):
+        for j in range(w):
+            r, c = window_start(i, h, window), window_start(j, w, window)
+            codes = grid[:, r:r + window, c:c + window].reshape(b, -1)[:, :(i - r) * window + j - c]
+            prefix = cond[:, r:r + window, c:c + window].reshape(b, -1) if cond.ndim == 3 else cond
+            seq = np.concatenate([prefix, codes], axis=1)
+            padded = np.pad(seq, ((0, 0), (0, length - seq.shape[1])))
+            grid[:, i, j] = np.asarray(last_logits(padded, seq.shape[1] - 1)).argmax(-1)
+    return grid
+
+
+@pytest.mark.parametrize("kind", ["grid", "tokens"])
+def test_sample_windowed_greedy_equals_the_uncached_loop_on_an_odd_window(window_gpt, kind):
+    # An odd window, which the original's placement would push past the grid's end (clamped here), on a
+    # grid that is not square, the condition a grid crop or a token prefix, codes run in 4-token chunks.
+    gpt, params = window_gpt
+    shape, window = (10, 12), 5
+    rng = np.random.default_rng(0)
+    cond = rng.integers(0, gpt.vocab_size, (2, *shape) if kind == "grid" else (2, 3)).astype(np.int32)
+    out = sample_windowed(gpt, params, cond, shape=shape, rng=jax.random.PRNGKey(0), window=window,
+                          greedy=True, prefill_chunk=4)
+    np.testing.assert_array_equal(out, _windowed_reference(gpt, params, cond, shape, window))
+
+
 def test_window_placement_is_the_originals():
     # scripts/sample_conditional.py with a 16 window: local = k (k <= 8), 16 - (size - k) near the end, else 8.
     assert [window_start(k, 19, 16) for k in range(19)] == [0] * 9 + [1, 2, 3] + [3] * 7
     assert [window_start(k, 16, 16) for k in range(16)] == [0] * 16
+    assert [window_start(k, 12, 5) for k in range(12)] == [0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 7, 7]  # 8 clamped
 
 
 def test_top_k_and_top_p_keep_what_they_must():

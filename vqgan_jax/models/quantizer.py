@@ -103,10 +103,10 @@ class VectorQuantizer(nn.Module):
         if self.entropy_weight:
             loss = loss + self.entropy_weight * entropy_penalty(-dist, self.entropy_temperature)
 
-        if self.codebook_dim:
-            z_q = self.out_proj(h + jax.lax.stop_gradient(h_q - h)).astype(z.dtype)
-        else:
-            z_q = z + jax.lax.stop_gradient(h_q.astype(z.dtype) - z)
+        # Straight through from the searched latent `h`, so that with `l2_normalize` the gradient passes
+        # through the normalisation (as LlamaGen's), not around it.
+        z_q = h + jax.lax.stop_gradient(h_q - h)
+        z_q = (self.out_proj(z_q) if self.codebook_dim else z_q).astype(z.dtype)
         perplexity, usage = codebook_stats(indices, self.n_embed)
         return QuantizerOutput(z_q, indices, loss, perplexity, usage, h)
 

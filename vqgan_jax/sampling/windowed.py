@@ -10,13 +10,13 @@ What is computed once instead of once per position (the original runs the whole 
 sequence for every code):
   * the condition's keys and values: they depend on the condition crop alone (it comes first and
     attention is causal), so they are computed for every window column of a row band at once, whenever
-    the band moves (17 x 17 crops for a 32x32 grid and a 16 window, instead of 1024), and installed in
-    the cache when the window moves;
-  * the window's codes before p: when the window moves they are run in chunks of up to `prefill_chunk`
-    tokens on top of the installed condition; while the window stays put (the first window // 2 + 1 and
-    the last window // 2 columns of every row, the whole top and bottom bands) each new code costs one
-    token. Each forward call reads all the weights once, so a few large chunks beat many small ones
-    (README, Benchmarks).
+    the band moves (17 x 17 crops for a 32x32 grid and a 16 window, instead of 1024);
+  * the window's codes: every window column of the current band keeps its own cache (condition, then the
+    window's codes in raster order). A position runs only the codes its column's cache lacks, those drawn
+    since the column was last used: one token while the window stays put, window // 2 at the middle
+    columns, one row's worth when a band that stays put (the top and bottom ones) comes back to a column.
+    They run in chunks of `prefill_chunk`, then window // 2, then 1 token: each forward call reads all the
+    weights once, so few calls beat many (README, Benchmarks).
 """
 
 from functools import partial
@@ -39,25 +39,23 @@ def window_start(k: int, size: int, window: int) -> int:
         local = window - (size - k)
     else:
         local = half
-    return k - local
+    # The original's rule overruns the grid by one at k = size - half when the window is odd (it is used
+    # with even windows); clamped, so that the window always lies inside. Even windows never reach it.
+    return min(k - local, size - window)
 
 
 def placement(shape, window: int):
-    """Static tables: row_start [H], col_start [W] (window origins) and, in raster order, moved [H * W]
-    (the window differs from the previous position's)."""
+    """Static tables: row_start [H] and col_start [W], the window origins."""
     h, w = shape
-    rows = np.array([window_start(i, h, window) for i in range(h)])
-    cols = np.array([window_start(j, w, window) for j in range(w)])
-    starts = [(r, c) for r in rows for c in cols]
-    moved = np.array([k == 0 or starts[k] != starts[k - 1] for k in range(len(starts))])
-    return rows, cols, moved
+    return (np.array([window_start(i, h, window) for i in range(h)]),
+            np.array([window_start(j, w, window) for j in range(w)]))
 
 
-def chunk_sizes(window: int, prefill_chunk: int) -> tuple[int, int]:
-    """(big, small): a moved window's codes [0, p) run as whole chunks of `big` tokens, then the rest in
-    chunks of `small` (the last one padded)."""
+def chunk_sizes(window: int, prefill_chunk: int) -> tuple[int, ...]:
+    """The chunk sizes, largest first, in which a column's missing codes run: as many whole chunks of each
+    as fit, so that every code runs exactly once and no chunk is padded."""
     big = min(prefill_chunk, window * window - 1)
-    return big, max(1, min(window, big // 4))
+    return tuple(sorted({big, min(big, max(1, window // 2)), 1}, reverse=True))
 
 
 @partial(jax.jit, static_argnames=("gpt", "shape", "window", "top_k", "use_top_p", "greedy", "grid_cond",
@@ -68,87 +66,84 @@ def _sample_windowed(gpt, params, cond, init, mask, rng, temperature, top_p, *, 
     h, w = shape
     b = init.shape[0]
     area = window * window
-    rows, cols, moved = placement(shape, window)
-    n_cols = int(cols.max()) + 1 if grid_cond else 1  # distinct window columns (one prefix without a grid)
-    rows, cols, moved = jnp.asarray(rows), jnp.asarray(cols), jnp.asarray(moved)
+    rows, cols = placement(shape, window)
+    n_cols = int(cols.max()) + 1  # distinct window columns
+    rows, cols = jnp.asarray(rows), jnp.asarray(cols)
     n = area if grid_cond else cond.shape[1]
+    sizes = chunk_sizes(window, prefill_chunk)
 
     def prefixes(row0):
         """Keys/values and next-code logits of the condition for every window column: leaves
-        [n_cols, B, heads, n, head_dim], logits [n_cols, B, V]."""
+        [n_cols * B, heads, n, head_dim] (column-major), logits [n_cols, B, V]."""
         if grid_cond:
             band = jax.lax.dynamic_slice_in_dim(cond, row0, window, axis=1)
-            tokens = jnp.stack([band[:, :, c:c + window].reshape(b, area) for c in range(n_cols)])
+            tokens = jnp.concatenate([band[:, :, c:c + window].reshape(b, area) for c in range(n_cols)])
         else:
-            tokens = cond[None]
+            tokens = cond
         # A decoder whose cache holds just the n condition positions: attention over n keys, not over a
         # block_size cache half of which is masked (the prefixes are the sampler's largest forward calls).
         short = decoder(gpt, block_size=n)
         short_params = dict(params, pos_emb=params["pos_emb"][:, :n])
-        logits, cache = forward(short, short_params, empty_cache(short, n_cols * b), tokens.reshape(n_cols * b, n))
-        kv = jax.tree.map(lambda a: a.reshape(n_cols, b, *a.shape[1:]) if a.ndim else a, cache)
-        return kv, logits[:, -1].reshape(n_cols, b, -1)
+        logits, kv = forward(short, short_params, empty_cache(short, tokens.shape[0]), tokens)
+        logits = logits[:, -1].reshape(-1, b, logits.shape[-1])
+        if not grid_cond:  # the same prefix for every column
+            kv = jax.tree.map(lambda a: jnp.tile(a, (n_cols,) + (1,) * (a.ndim - 1)) if a.ndim else a, kv)
+            logits = jnp.broadcast_to(logits, (n_cols, *logits.shape[1:]))
+        return kv, logits
 
-    big, small = chunk_sizes(window, prefill_chunk)
+    def column(caches, c):
+        return jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, c * b, b) if a.ndim else a, caches)
 
-    def prefill(cache, band, band_logits, col, window_codes, p):
-        """Installs the condition of window column `col`, runs the window's codes [0, p) on it -> (cache of
-        length n + p, logits predicting code p). Whole `big` chunks first, then the rest in `small` ones:
-        less padding than `big` chunks alone, far fewer calls than `small` ones."""
-        cache = install(cache, jax.tree.map(lambda a: a[col] if a.ndim else a, band), n)
+    def store(caches, c, cache):
+        return jax.tree.map(lambda a, x: jax.lax.dynamic_update_slice_in_dim(a, x, c * b, 0) if a.ndim else a,
+                            caches, cache)
 
-        def run(cache, last, first, end, size):
-            """Codes [first, end) in chunks of `size`, the last one padded with the codes after them."""
-            def body(c, carry):
-                cache, last = carry
-                # Clamped so that no chunk runs past window position area - 2 (the last any code needs):
-                # the cache never needs more than n + area - 1 slots. A clamped chunk recomputes positions
-                # of the one before: same tokens, same keys and values.
-                start = jnp.minimum(first + c * size, area - 1 - size)
+    def catch_up(cache, last, window_codes, first, end):
+        """Runs window codes [first, end) on a cache holding n + first positions -> (cache, logits
+        predicting code `end`; `last` when there is nothing to run)."""
+        for size in sizes:
+            def body(_, carry, size=size):
+                cache, last, start = carry
                 tokens = jax.lax.dynamic_slice_in_dim(window_codes, start, size, axis=1)
-                logits, cache = forward(dec, params, set_length(cache, n + start), tokens)
-                # The chunk that holds code p - 1 gives the prediction of code p.
-                holds = (start <= p - 1) & (p - 1 < start + size)
-                return cache, jnp.where(holds, logits[:, jnp.clip(p - 1 - start, 0, size - 1)], last)
-            return jax.lax.fori_loop(0, (end - first + size - 1) // size, body, (cache, last))
+                logits, cache = forward(dec, params, cache, tokens)
+                return cache, logits[:, -1], start + size
+            cache, last, first = jax.lax.fori_loop(0, (end - first) // size, body, (cache, last, first))
+        return cache, last
 
-        cut = p // big * big
-        cache, last = run(cache, band_logits[col], 0, cut, big)
-        cache, last = run(cache, last, cut, p, small)
-        return set_length(cache, n + p), last  # codes from p on, run as padding, lie beyond the length
-
-    def position(k, carry):
-        grid, cache, band, band_logits, last = carry
-        i, j = k // w, k % w
+    def position(i, j, carry):
+        grid, caches, lengths, band_logits = carry
         row0, col0 = rows[i], cols[j]
-        # A new row band: the condition prefixes move with it.
-        new_band = grid_cond & (j == 0) & ((i == 0) | (row0 != rows[jnp.maximum(i - 1, 0)]))
-        band, band_logits = jax.lax.cond(new_band, lambda: prefixes(row0), lambda: (band, band_logits))
         p = (i - row0) * window + (j - col0)
         window_codes = jax.lax.dynamic_slice(grid, (0, row0, col0), (b, window, window)).reshape(b, area)
-
-        def step():
-            # Same window: append the code just drawn (at window position p - 1).
-            token = jax.lax.dynamic_slice_in_dim(window_codes, p - 1, 1, axis=1)
-            logits, new = forward(dec, params, cache, token)
-            return new, logits[:, -1]
-
-        cache, logits = jax.lax.cond(moved[k], lambda: prefill(cache, band, band_logits, col0 if grid_cond else 0,
-                                                               window_codes, p), step)
-        token = draw(jax.random.fold_in(rng, k), filter_logits(logits, temperature, top_k,
-                                                              top_p if use_top_p else None), greedy)
+        # The column's cache holds its codes [0, lengths[col0]); the rest up to p were drawn since.
+        cache = set_length(column(caches, col0), n + lengths[col0])
+        cache, logits = catch_up(cache, band_logits[col0], window_codes, lengths[col0], p)
+        token = draw(jax.random.fold_in(rng, i * w + j), filter_logits(logits, temperature, top_k,
+                                                                      top_p if use_top_p else None), greedy)
         token = jnp.where(mask[:, i, j], token, grid[:, i, j])
-        return grid.at[:, i, j].set(token), cache, band, band_logits, logits
+        return grid.at[:, i, j].set(token), store(caches, col0, cache), lengths.at[col0].set(p), band_logits
 
-    band, band_logits = prefixes(jnp.int32(0))
-    cache = empty_cache(dec, b)
-    carry = (init, cache, band, band_logits, jnp.zeros((b, gpt.vocab_size), jnp.float32))
-    return jax.lax.fori_loop(0, h * w, position, carry)[0]
+    def row(i, carry):
+        grid, caches, lengths, band_logits = carry
+
+        def new_band():
+            # Every column restarts from its condition: the window rows have moved.
+            kv, logits = prefixes(rows[i]) if grid_cond else (prefix_kv, prefix_logits)
+            return grid, install(caches, kv, n), jnp.zeros_like(lengths), logits
+
+        moved = (i == 0) | (rows[i] != rows[jnp.maximum(i - 1, 0)])
+        carry = jax.lax.cond(moved, new_band, lambda: carry)
+        return jax.lax.fori_loop(0, w, partial(position, i), carry)
+
+    prefix_kv, prefix_logits = (None, None) if grid_cond else prefixes(jnp.int32(0))
+    caches = empty_cache(dec, n_cols * b)
+    carry = (init, caches, jnp.zeros(n_cols, jnp.int32), jnp.zeros((n_cols, b, gpt.vocab_size), jnp.float32))
+    return jax.lax.fori_loop(0, h, row, carry)[0]
 
 
 def sample_windowed(gpt, params, cond, shape, rng, window: int = 16, temperature: float = 1.0,
                     top_k: int | None = None, top_p: float | None = None, greedy: bool = False, init=None,
-                    mask=None, prefill_chunk: int = 64):
+                    mask=None, prefill_chunk: int = 128):
     """Samples an H x W code grid with a sliding window x window attention window, in one jitted program.
 
     cond: int [B, H, W] conditioning codes (segmentation, depth: cropped with the window and placed before
@@ -157,8 +152,8 @@ def sample_windowed(gpt, params, cond, shape, rng, window: int = 16, temperature
     shape: (H, W), each >= window. init / mask: optional int [B, H, W] codes and bool [B, H, W]: only the
       codes where mask is True are drawn, the others are kept from init (in- and out-painting).
     temperature, top_k, top_p, greedy: as `sample`.
-    prefill_chunk: the largest number of tokens per forward call when a moved window's codes are run (a
-      speed knob only: the samples are the same).
+    prefill_chunk: the largest number of tokens per forward call when a window column catches up on the
+      codes drawn since it was last used (a speed knob only: the samples are the same).
     -> int32 [B, H, W].
     """
     h, w = shape = tuple(int(s) for s in shape)

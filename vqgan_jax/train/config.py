@@ -79,11 +79,12 @@ def sibling_config(config_file: str, name: str, arg=None) -> ml_collections.Conf
 
 def improved_codebook(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """The codebook of LlamaGen's tokenizer (Sun et al. 2024; ViT-VQGAN's factorised, l2-normalised codes):
-    the nearest code is searched among unit vectors in 8 dimensions, and the loss is codebook term +
-    0.25 x commitment (the placement of the VQ-VAE paper, `legacy=False`); plus restarts of codes unused for
-    10 steps, without which 200 steps on photos leave 40% of 1024 such codes unused (README, "A codebook
-    that stays alive"). Everything else is left as is."""
-    c.model.update(l2_normalize=True, codebook_dim=8, legacy=False, beta=0.25)
+    `quant_conv` maps the encoder's output straight to 8 dimensions (`embed_dim=8`, LlamaGen's layout; the
+    `codebook_dim` projection pair is not needed on top of it), the nearest code is searched among unit
+    vectors, and the loss is codebook term + 0.25 x commitment (the placement of the VQ-VAE paper,
+    `legacy=False`); plus restarts of codes unused for 10 steps, without which 200 steps on photos leave
+    40% of 1024 such codes unused (README, "A codebook that stays alive"). Everything else is left as is."""
+    c.model.update(embed_dim=8, codebook_dim=0, l2_normalize=True, legacy=False, beta=0.25)
     c.codebook.restart_dead = 10
     return c
 
@@ -109,6 +110,6 @@ def runlocal(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.checkpoint_every = 10
     c.data.size = 32
     c.model.update(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), resolution=32,
-                   z_channels=16, embed_dim=16, n_embed=128)
+                   z_channels=16, embed_dim=min(c.model.embed_dim, 16), n_embed=128)
     c.loss.update(disc_start=10, disc_ndf=16, disc_num_layers=2)
     return c
