@@ -154,6 +154,7 @@ def sample_windowed(gpt, params, cond, shape, rng, window: int = 16, temperature
     temperature, top_k, top_p, greedy: as `sample`.
     prefill_chunk: the largest number of tokens per forward call when a window column catches up on the
       codes drawn since it was last used (a speed knob only: the samples are the same).
+    Memory: one block_size KV cache per distinct window column (W - window + 1 of them) and batch row.
     -> int32 [B, H, W].
     """
     h, w = shape = tuple(int(s) for s in shape)
