@@ -41,8 +41,6 @@ def test_l2_search_is_cosine_nearest():
     np.testing.assert_allclose(np.linalg.norm(out.latents, axis=-1), 1.0, atol=1e-6)
 
 
-
-
 def test_l2_straight_through_passes_the_normalisation():
     q, z, variables = _quantizer(l2_normalize=True)
     g = jax.random.normal(jax.random.PRNGKey(3), z.shape)  # an upstream gradient on z_q
@@ -52,6 +50,8 @@ def test_l2_straight_through_passes_the_normalisation():
     expected = jax.grad(lambda z: jnp.sum(z / jnp.linalg.norm(z, axis=-1, keepdims=True) * g))(z)
     np.testing.assert_allclose(g_z, expected, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(jnp.sum(g_z * z, axis=-1), 0.0, atol=1e-5)
+
+
 def test_factorised_codes_shapes_and_gradients():
     q, z, variables = _quantizer(codebook_dim=3, l2_normalize=True, legacy=False)
     p = variables["params"]
