@@ -1,5 +1,5 @@
-"""The CPU-tuned convolution and group norm equal the reference ops (XLA's convolution, flax's GroupNorm)
-in value and gradient; parameters keep nn.Conv's and nn.GroupNorm's names, so checkpoints carry over."""
+"""Our convolution and group norm equal flax's nn.Conv and nn.GroupNorm in value and gradient, with the
+same parameter names, so checkpoints carry over."""
 
 import flax.linen as nn
 import jax
@@ -7,30 +7,49 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vqgan_jax.models.conv import Conv, conv2d
+from vqgan_jax.models.conv import Conv, _kernel_grad_strips, _strips
 from vqgan_jax.models.norm import GroupNorm
-
-
-def _lax_conv(x, w, strides, padding):
-    return jax.lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
 @pytest.mark.parametrize("shape, kernel, stride, padding", [
     ((2, 9, 9, 5), 3, 1, ((1, 1), (1, 1))),      # encoder/decoder 3x3
     ((2, 10, 10, 6), 4, 2, ((1, 1), (1, 1))),    # discriminator 4x4 stride 2
-    ((2, 9, 9, 6), 3, 2, ((0, 0), (0, 0))),      # downsample (padded before the conv)
+    ((2, 9, 9, 6), 3, 2, ((0, 0), (0, 1))),      # downsample (padded right/bottom only)
     ((3, 7, 5, 4), 1, 1, ((0, 0), (0, 0))),      # 1x1, non-square map
-    ((2, 8, 8, 4), 4, 1, ((1, 1), (1, 1))),      # discriminator's stride-1 layers
 ])
-def test_conv2d_value_and_gradients_equal_xla_conv(shape, kernel, stride, padding):
+def test_conv_equals_nn_conv_in_value_and_gradients(shape, kernel, stride, padding):
     x = jax.random.normal(jax.random.PRNGKey(0), shape)
-    w = jax.random.normal(jax.random.PRNGKey(1), (kernel, kernel, shape[-1], 7))
-    ours = lambda x, w: jnp.sum(jnp.sin(conv2d(x, w, (stride, stride), padding)))  # noqa: E731
-    ref = lambda x, w: jnp.sum(jnp.sin(_lax_conv(x, w, (stride, stride), padding)))  # noqa: E731
-    np.testing.assert_allclose(conv2d(x, w, (stride, stride), padding),
-                               _lax_conv(x, w, (stride, stride), padding), rtol=1e-6)
-    for g, g_ref in zip(jax.grad(ours, (0, 1))(x, w), jax.grad(ref, (0, 1))(x, w)):
+    ours = Conv(7, kernel, stride, padding)
+    ref = nn.Conv(7, (kernel, kernel), (stride, stride), padding)
+    params = jax.tree.map(lambda a: a + 0.1, ours.init(jax.random.PRNGKey(1), x))  # nonzero bias
+    np.testing.assert_allclose(ours.apply(params, x), ref.apply(params, x), rtol=1e-5, atol=1e-6)
+    loss = lambda m: lambda p, x: jnp.sum(jnp.sin(m.apply(p, x)))  # noqa: E731
+    for g, g_ref in zip(jax.tree.leaves(jax.grad(loss(ours), (0, 1))(params, x)),
+                        jax.tree.leaves(jax.grad(loss(ref), (0, 1))(params, x))):
         np.testing.assert_allclose(g, g_ref, atol=1e-5 * float(jnp.abs(g_ref).max()))
+
+
+@pytest.mark.parametrize("batch, rows, strips", [(4, 64, 4), (8, 32, 2), (16, 8, 1), (1, 9, 9), (3, 10, 10), (2, 5, 5)])
+def test_strip_count(batch, rows, strips):
+    assert _strips(batch, rows) == strips
+
+
+@pytest.mark.parametrize("shape, kernel, stride, padding", [
+    ((1, 16, 12, 3), 3, 1, ((1, 1), (1, 1))),
+    ((2, 16, 16, 4), 4, 2, ((1, 2), (1, 2))),    # discriminator-style, uneven padding
+    ((4, 12, 8, 5), 1, 1, ((0, 0), (0, 0))),
+    ((1, 17, 9, 2), 3, 2, ((0, 1), (0, 1))),     # downsample: rows the last strip never reads
+])
+def test_kernel_gradient_over_strips_equals_xla(shape, kernel, stride, padding):
+    x = jax.random.normal(jax.random.PRNGKey(0), shape)
+    w = jax.random.normal(jax.random.PRNGKey(1), (kernel, kernel, shape[-1], 6))
+    conv = lambda w: jax.lax.conv_general_dilated(x, w, (stride, stride), padding,  # noqa: E731
+                                                  dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    y, pullback = jax.vjp(conv, w)
+    g = jax.random.normal(jax.random.PRNGKey(2), y.shape)
+    assert _strips(shape[0], y.shape[1]) > 1
+    ours = _kernel_grad_strips(x, w, g, (stride, stride), padding)
+    np.testing.assert_allclose(ours, pullback(g)[0], atol=1e-5 * float(jnp.abs(ours).max()))
 
 
 def test_conv_module_has_nn_conv_parameters():

@@ -1,9 +1,8 @@
-"""Group normalisation (NHWC) with a hand-written gradient whose reductions are matmuls on CPU.
+"""Group normalisation (NHWC) with a hand-written gradient.
 
-XLA:CPU runs a reduction over the spatial axes of an NHWC map as a slow loop: flax's `GroupNorm` takes
-19 ms forward and 33 ms forward+backward on [4, 64, 64, 64], against 3 ms and 11 ms when the sums over
-positions are written as products with a vector of ones (multi-threaded, vectorised GEMV). Other backends
-keep plain reductions. Statistics are float32 whatever the input dtype; the variance is two-pass.
+Statistics are float32 whatever the input dtype, and the variance is two-pass, as flax's
+`GroupNorm(use_fast_variance=False)`; the gradient reuses the forward's normalised map instead of
+differentiating through the two reductions.
 """
 
 from functools import partial
@@ -19,14 +18,7 @@ Dtype = Any
 
 def _position_sums(t):
     """t: [B, N, C] -> [B, C] float32, the sum over the N positions."""
-    def gemv(t):
-        return jnp.einsum("bnc,n->bc", t, jnp.ones(t.shape[1], t.dtype), precision=lax.Precision.HIGHEST,
-                          preferred_element_type=jnp.float32)
-
-    def reduce(t):
-        return jnp.sum(t, axis=1, dtype=jnp.float32)
-
-    return lax.platform_dependent(t, cpu=gemv, default=reduce)
+    return jnp.sum(t, axis=1, dtype=jnp.float32)
 
 
 def _group_mean(t, groups: int):
