@@ -178,6 +178,7 @@ def test_lecam_regularizer_known_values():
 
 # --- inside the training step ----------------------------------------------------------------------
 
+@pytest.mark.slow  # 1.5-2.5 min on 2 CPU cores with a cold compile cache: CI's slow step
 def test_train_step_ema_codebook_and_fixed_gan_weight():
     """The codebook after a step is exactly the EMA of the step's own assignments (the optimiser leaves it
     alone); with adaptive_weight off the GAN weight is disc_weight; LeCAM's EMAs move."""
@@ -211,6 +212,7 @@ def test_train_step_ema_codebook_and_fixed_gan_weight():
     assert int(metrics["codes_used_window"]) == int(np.count_nonzero(counts))
 
 
+@pytest.mark.slow  # 1.5-2.5 min on 2 CPU cores with a cold compile cache: CI's slow step
 def test_restarts_and_ema_agree_across_devices(tmp_path):
     """One step with every option on and restart_dead=1 (every code the batch leaves unused restarts):
     4 devices restart the same codes with the same latents as 1 device, and all 4 hold one codebook."""

@@ -28,6 +28,7 @@ def _finish(proc, timeout=600):
     return out
 
 
+@pytest.mark.slow  # 1.5-2.5 min on 2 CPU cores with a cold compile cache: CI's slow step
 def test_step_on_four_devices_equals_one_device(tmp_path):
     """Same global batch, same init: data parallelism over 4 devices changes nothing but the layout."""
     procs = {n: _run_python([WORKER, str(tmp_path / f"{n}.npz")], devices=n) for n in (1, 4)}
@@ -86,6 +87,7 @@ def _final_params(workdir):
     return load_pretrained(os.path.join(workdir, "export", "vqgan"))[1]["params"]
 
 
+@pytest.mark.slow  # 1.5-2.5 min on 2 CPU cores with a cold compile cache: CI's slow step
 def test_resume_continues_exactly(tmp_path):
     """6 steps straight == 3 steps, stop, resume, 3 more steps (parameters, data order, RNG, optimiser)."""
     from vqgan_jax.train import evaluate, run
