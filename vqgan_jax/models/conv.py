@@ -26,6 +26,11 @@ def _conv(x, w, strides, padding):
     return lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=_DIMS)
 
 
+def _kernel_grad(x, w, g, strides, padding):
+    """XLA's own kernel gradient: d(loss)/d(w) for the cotangent g of _conv(x, w)."""
+    return jax.vjp(lambda w_: _conv(x, w_, strides, padding), w)[1](g)[0]
+
+
 def _strips(batch: int, rows: int) -> int:
     """How many strips to cut `rows` output rows into: the smallest divisor of rows with batch x strips
     >= _STRIP_DEPTH, at most one strip per row, 1 when the batch alone reaches it."""
@@ -40,13 +45,13 @@ def _kernel_grad_strips(x, w, g, strides, padding):
     b, ho = g.shape[:2]
     n = _strips(b, ho)
     if n == 1:
-        return jax.vjp(lambda w_: _conv(x, w_, strides, padding), w)[1](g)[0]
+        return _kernel_grad(x, w, g, strides, padding)
     sh, h, kh = strides[0], ho // n, w.shape[0]
     x = jnp.pad(x, ((0, 0), padding[0], (0, 0), (0, 0)))
     span = (h - 1) * sh + kh
     xs = jnp.concatenate([lax.slice_in_dim(x, i * h * sh, i * h * sh + span, axis=1) for i in range(n)])
     gs = jnp.concatenate([lax.slice_in_dim(g, i * h, (i + 1) * h, axis=1) for i in range(n)])
-    return jax.vjp(lambda w_: _conv(xs, w_, strides, ((0, 0), padding[1])), w)[1](gs)[0]
+    return _kernel_grad(xs, w, gs, strides, ((0, 0), padding[1]))
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -65,7 +70,7 @@ def _conv2d_bwd(strides, padding, residuals, g):
     dx = jax.vjp(lambda x_: _conv(x_, w, strides, padding), x)[1](g)[0]
 
     def native(x, g):
-        return jax.vjp(lambda w_: _conv(x, w_, strides, padding), w)[1](g)[0]
+        return _kernel_grad(x, w, g, strides, padding)
 
     def strips(x, g):
         return _kernel_grad_strips(x, w, g, strides, padding)
