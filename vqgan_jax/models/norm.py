@@ -2,7 +2,13 @@
 
 Statistics are float32 whatever the input dtype, and the variance is two-pass, as flax's
 `GroupNorm(use_fast_variance=False)`; the gradient reuses the forward's normalised map instead of
-differentiating through the two reductions.
+differentiating through the reductions, and needs only two of them (sums over positions of g and of
+g * x_hat).
+
+Every statistic reaches the big elementwise passes as one value per image and channel ([B, 1, C]), made by
+a product with a [C, C] group-averaging matrix. Written as a reshape to groups and a repeat back to
+channels, XLA:CPU fuses the repeat into each pass over the map, and the per-element channel -> group
+index breaks vectorisation: forward + backward on [4, 64, 64, 128] took 28 ms, 17 ms this way.
 """
 
 from functools import partial
@@ -21,17 +27,21 @@ def _position_sums(t):
     return jnp.sum(t, axis=1, dtype=jnp.float32)
 
 
-def _group_mean(t, groups: int):
-    """t: [B, N, C] -> [B, 1, C]: the mean over the positions and the channels of each channel's group."""
-    b, n, c = t.shape
-    means = _position_sums(t).reshape(b, groups, c // groups).mean(-1) / n
-    return jnp.repeat(means, c // groups, axis=1)[:, None, :]
+def _group_mean(sums, positions: int, groups: int):
+    """sums: [B, C] per-channel sums over `positions` positions -> [B, 1, C]: for each channel, the mean
+    over the positions and the channels of its group."""
+    c = sums.shape[-1]
+    group = jnp.arange(c) // (c // groups)
+    averaging = (group[:, None] == group[None, :]).astype(jnp.float32) / (positions * (c // groups))
+    # HIGHEST: a GPU or TPU would otherwise take these means in reduced precision.
+    return jnp.dot(sums, averaging, precision=lax.Precision.HIGHEST)[:, None, :]
 
 
 def _normalise(x, groups, eps):
     """x: [B, N, C] float32 -> (x_hat, 1/sigma [B, 1, C])."""
-    centred = x - _group_mean(x, groups)
-    inv = lax.rsqrt(_group_mean(centred * centred, groups) + eps)
+    n = x.shape[1]
+    centred = x - _group_mean(_position_sums(x), n, groups)
+    inv = lax.rsqrt(_group_mean(_position_sums(centred * centred), n, groups) + eps)
     return centred * inv, inv
 
 
@@ -49,12 +59,18 @@ def _group_norm_fwd(x, scale, bias, groups, eps):
 
 def _group_norm_bwd(groups, eps, residuals, g):
     x_hat, inv, scale = residuals
-    shape, dtype = g.shape, g.dtype
+    shape, dtype, n = g.shape, g.dtype, x_hat.shape[1]
     g = g.reshape(x_hat.shape).astype(jnp.float32)
-    d_scale = _position_sums(g * x_hat).sum(0)
-    d_bias = _position_sums(g).sum(0)
-    d_hat = g * scale.astype(jnp.float32)
-    dx = inv * (d_hat - _group_mean(d_hat, groups) - x_hat * _group_mean(d_hat * x_hat, groups))
+    scale32 = scale.astype(jnp.float32)
+    sum_g, sum_g_hat = _position_sums(g), _position_sums(g * x_hat)  # [B, C] each
+    # dx = inv * (d_hat - mean(d_hat) - x_hat * mean(d_hat * x_hat)), d_hat = g * scale
+    mean_d = _group_mean(sum_g * scale32, n, groups)
+    mean_d_hat = _group_mean(sum_g_hat * scale32, n, groups)
+    dx = inv * (g * scale32 - mean_d - x_hat * mean_d_hat)
+    # Summed over images as a product: XLA would fold a sum of the sums into a second reduction over
+    # the whole map, a slow one on CPU (batch and positions together).
+    d_scale, d_bias = jnp.einsum("b,kbc->kc", jnp.ones(g.shape[0]), jnp.stack([sum_g_hat, sum_g]),
+                                 precision=lax.Precision.HIGHEST)
     return dx.reshape(shape).astype(dtype), d_scale.astype(scale.dtype), d_bias.astype(scale.dtype)
 
 
