@@ -109,6 +109,27 @@ def _given_dx_bwd(padding, residuals, g):
 conv2d_given_dx_kernel.defvjp(_given_dx_fwd, _given_dx_bwd)
 
 
+@jax.custom_vjp
+def add_bias(y, bias):
+    """y: [..., C] + bias: [C]. Its gradient sums the cotangent over every position as a product with a
+    vector of ones: XLA:CPU's reduction over batch and positions together runs 2-5x slower (1.1 -> 0.4 ms
+    at [4, 64, 64, 64], 3.8 -> 0.7 ms at [4, 64, 64, 128])."""
+    return y + bias
+
+
+def _add_bias_fwd(y, bias):
+    return y + bias, None
+
+
+def _add_bias_bwd(_, g):
+    rows = g.reshape(-1, g.shape[-1])
+    ones = jnp.ones(rows.shape[0], rows.dtype)
+    return g, jnp.dot(ones, rows, precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32).astype(g.dtype)
+
+
+add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
+
+
 class Conv(nn.Module):
     """`nn.Conv` with square kernels and explicit padding ((top, bottom), (left, right)): same parameters
     (kernel HWIO, bias), same initialisers, same dtype promotion. x: [B, H, W, Cin] -> [B, H', W', features]."""
@@ -127,5 +148,5 @@ class Conv(nn.Module):
         x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
         y = conv2d(x, kernel, (self.strides, self.strides), tuple(tuple(p) for p in self.padding))
         if self.use_bias:
-            y = y + self.param("bias", nn.initializers.zeros, (self.features,)).astype(self.dtype)
+            y = add_bias(y, self.param("bias", nn.initializers.zeros, (self.features,)).astype(self.dtype))
         return y

@@ -50,6 +50,16 @@ class Conv3x3(nn.Module):
         return y + bias.astype(self.dtype)
 
 
+def _max_pool_2x2(x):
+    """[B, H, W, C] -> [B, H // 2, W // 2, C], the max over each 2x2 block: a reshape and a max, whose
+    gradient XLA:CPU runs 5x faster than reduce_window's select-and-scatter (7.9 -> 1.4 ms at
+    [4, 64, 64, 64]). Ties share the gradient instead of giving it to the first; in VGG they happen only
+    in all-zero windows after a ReLU, whose own gradient there is zero, so the input gradient is the same."""
+    b, h, w, c = x.shape
+    x = x[:, :h // 2 * 2, :w // 2 * 2]
+    return jnp.max(x.reshape(b, h // 2, 2, w // 2, 2, c), axis=(2, 4))
+
+
 class VGG16Features(nn.Module):
     """x: [B, H, W, 3] (LPIPS-scaled) -> the five feature maps relu1_2 ... relu5_3."""
     dtype: Dtype = jnp.float32
@@ -59,7 +69,7 @@ class VGG16Features(nn.Module):
         features = []
         for b, (width, convs) in enumerate(VGG16_BLOCKS):
             if b:
-                x = nn.max_pool(x, (2, 2), strides=(2, 2))
+                x = _max_pool_2x2(x)
             for c in range(convs):
                 x = nn.relu(Conv3x3(width, self.dtype, name=f"conv{b + 1}_{c + 1}")(x))
             features.append(x)
