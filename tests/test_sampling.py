@@ -9,6 +9,7 @@ import pytest
 import vqgan_jax as vj
 from vqgan_jax.sampling import filters, sample, sample_windowed
 from vqgan_jax.sampling.windowed import window_start
+from vqgan_jax.sampling.sampler import segment_lengths
 
 
 @pytest.fixture(scope="module")
@@ -71,11 +72,33 @@ def test_sample_windowed_greedy_equals_the_uncached_loop_on_an_odd_window(window
     np.testing.assert_array_equal(out, _windowed_reference(gpt, params, cond, shape, window))
 
 
+def test_decoding_segments_cover_every_position_once():
+    assert segment_lengths(1, 256) == [64, 128, 192, 256]
+    assert segment_lengths(31, 50) == [39, 50]      # a long prefix starts at the first length that holds it
+    assert segment_lengths(50, 50) == [50]
+    assert segment_lengths(1, 3) == [1, 2, 3]
+
+
+def test_all_codes_given_returns_them(small_gpt):
+    gpt, params = small_gpt
+    given = jnp.arange(12, dtype=jnp.int32).reshape(2, 6)
+    out = sample(gpt, params, jnp.zeros((2, 1), jnp.int32), steps=6, rng=jax.random.PRNGKey(0), given=given)
+    np.testing.assert_array_equal(out, given)
+
+
 def test_window_placement_is_the_originals():
     # scripts/sample_conditional.py with a 16 window: local = k (k <= 8), 16 - (size - k) near the end, else 8.
     assert [window_start(k, 19, 16) for k in range(19)] == [0] * 9 + [1, 2, 3] + [3] * 7
     assert [window_start(k, 16, 16) for k in range(16)] == [0] * 16
     assert [window_start(k, 12, 5) for k in range(12)] == [0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 7, 7]  # 8 clamped
+
+
+@pytest.mark.parametrize("k", [1, 7, 100, 1023])
+def test_top_k_threshold_is_the_kth_largest(k):
+    logits = jax.random.normal(jax.random.PRNGKey(k), (4, 1024)) * 3
+    logits = logits.at[0, :5].set(-jnp.inf).at[1, 10:40].set(logits[1, 9]).at[2].set(-jnp.abs(logits[2]))
+    kth = jax.lax.top_k(logits, k)[0][:, -1:]
+    np.testing.assert_array_equal(filters.top_k_filter(logits, k), jnp.where(logits < kth, -jnp.inf, logits))
 
 
 def test_top_k_and_top_p_keep_what_they_must():

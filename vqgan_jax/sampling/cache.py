@@ -44,3 +44,18 @@ def install(cache, prefix, n):
             return jnp.asarray(n, leaf.dtype)
         return jax.lax.dynamic_update_slice(leaf, pre.astype(leaf.dtype), (0,) * leaf.ndim)
     return jax.tree_util.tree_map_with_path(put, cache, prefix)
+
+
+def shortened(gpt, params, n: int):
+    """(decoder of block_size n, the GPT's params with pos_emb cut to n positions)."""
+    return decoder(gpt, block_size=n), dict(params, pos_emb=params["pos_emb"][:, :n])
+
+
+def grow(cache, n: int):
+    """The cache with room for n positions (its keys and values padded along the position axis with
+    zeros), the same length filled."""
+    def pad(path, leaf):
+        if _name(path) in _LENGTH_LEAVES:
+            return leaf
+        return jnp.pad(leaf, [(0, 0)] * 2 + [(0, n - leaf.shape[2]), (0, 0)])
+    return jax.tree_util.tree_map_with_path(pad, cache)

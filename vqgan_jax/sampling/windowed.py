@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vqgan_jax.models.checks import check_codes
-from vqgan_jax.sampling.cache import decoder, empty_cache, forward, install, set_length
+from vqgan_jax.sampling.cache import decoder, empty_cache, forward, install, set_length, shortened
 from vqgan_jax.sampling.filters import draw, filter_logits
 
 
@@ -82,8 +82,7 @@ def _sample_windowed(gpt, params, cond, init, mask, rng, temperature, top_p, *, 
             tokens = cond
         # A decoder whose cache holds just the n condition positions: attention over n keys, not over a
         # block_size cache half of which is masked (the prefixes are the sampler's largest forward calls).
-        short = decoder(gpt, block_size=n)
-        short_params = dict(params, pos_emb=params["pos_emb"][:, :n])
+        short, short_params = shortened(gpt, params, n)
         logits, kv = forward(short, short_params, empty_cache(short, tokens.shape[0]), tokens)
         logits = logits[:, -1].reshape(-1, b, logits.shape[-1])
         if not grid_cond:  # the same prefix for every column
