@@ -8,7 +8,7 @@ g * x_hat).
 Every statistic reaches the big elementwise passes as one value per image and channel ([B, 1, C]), made by
 a product with a [C, C] group-averaging matrix. Written as a reshape to groups and a repeat back to
 channels, XLA:CPU fuses the repeat into each pass over the map, and the per-element channel -> group
-index breaks vectorisation: forward + backward on [4, 64, 64, 128] took 28 ms, 17 ms this way.
+index breaks vectorisation: forward + backward on [4, 64, 64, 128] took 28 ms, 12 ms this way.
 """
 
 from functools import partial
