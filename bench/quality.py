@@ -110,6 +110,7 @@ def run_quality(workload: dict, variant: str, data_dir: str, n_train: int, steps
                 times.append(time.perf_counter() - t0)
             else:
                 compile_s = time.perf_counter() - t0
+        batches.close()
         train_metrics = jax.device_get(metrics)
 
         result = reconstruction_metrics(models, config, state.gen_params, lpips_params)

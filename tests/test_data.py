@@ -949,3 +949,10 @@ def test_prefetch_to_device(folder):
     gc.collect()
     thread.join(timeout=5)
     assert not thread.is_alive()
+
+    # close() waits for the thread and drops the batches in flight, so that no device array is left to a
+    # thread that would free it while the interpreter shuts down.
+    it = data.prefetch_to_device(endless(), sharding, size=2)
+    next(it)
+    it.close()
+    assert not it._thread.is_alive() and it._queue.empty()

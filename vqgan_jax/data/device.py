@@ -88,9 +88,20 @@ class DevicePrefetcher:
             raise item.error
         return item
 
-    def close(self):
-        """Stops the producer thread (after the batch it may be converting)."""
+    def close(self, timeout: float = 60.0):
+        """Stops the producer thread (after the batch it may be converting), waits for it and drops the
+        batches in flight.
+
+        Call it when done (the training loops do): a thread still holding device arrays when the
+        interpreter exits frees them while Python is shutting down, which aborts the process ("FATAL:
+        exception not rethrown") after all the work is done."""
         self._stop.set()
+        self._thread.join(timeout)
+        while True:
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                break
 
     def __getattr__(self, name):
         if name.startswith("_") or name == "iterator":  # private, or not yet set (during __init__)
@@ -98,6 +109,7 @@ class DevicePrefetcher:
         return getattr(self.iterator, name)
 
     def __del__(self):
+        # Not close(): during interpreter shutdown a join could wait forever on a thread Python no longer runs.
         stop = self.__dict__.get("_stop")
         if stop is not None:
             stop.set()

@@ -136,6 +136,7 @@ def run(config, workdir: str):
             save_pretrained(os.path.join(workdir, "export", "vqgan"), models.vq, {"params": params})
     finally:
         stop.restore()
+        batches.close()
         writer.close()
         checkpointer.close()
     return state

@@ -164,6 +164,7 @@ def run(config, workdir: str):
                                "data_size": config.data.size}, f, indent=2)
     finally:
         stop.restore()
+        batches.close()
         writer.close()
         checkpointer.close()
     return state
