@@ -8,6 +8,8 @@ import pytest
 
 import vqgan_jax as vj
 from vqgan_jax.sampling import filters, sample, sample_windowed
+from vqgan_jax.sampling.cache import decoder, empty_cache, forward
+from vqgan_jax.sampling.step import prepare, step
 from vqgan_jax.sampling.windowed import window_start
 from vqgan_jax.sampling.sampler import segment_lengths
 
@@ -70,6 +72,20 @@ def test_sample_windowed_greedy_equals_the_uncached_loop_on_an_odd_window(window
     out = sample_windowed(gpt, params, cond, shape=shape, rng=jax.random.PRNGKey(0), window=window,
                           greedy=True, prefill_chunk=4)
     np.testing.assert_array_equal(out, _windowed_reference(gpt, params, cond, shape, window))
+
+
+def test_decoding_step_equals_the_decoding_module(small_gpt):
+    # The samplers' decoding step (transposed weights, feature-major activations) against the GPT module
+    # in decoding mode, from a cache the module filled: same logits, same cache.
+    gpt, params = small_gpt
+    dec = decoder(gpt)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, gpt.vocab_size, (3, 6)), jnp.int32)
+    _, cache = forward(dec, params, empty_cache(dec, 3), tokens[:, :3])
+    want_logits, want_cache = forward(dec, params, cache, tokens[:, 3:])
+    logits, cache = jax.jit(step, static_argnums=0)(gpt, prepare(gpt, params), cache, tokens[:, 3:])
+    np.testing.assert_allclose(logits, want_logits, rtol=1e-5, atol=1e-5)
+    assert jax.tree.structure(cache) == jax.tree.structure(want_cache)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), cache, want_cache)
 
 
 def test_decoding_segments_cover_every_position_once():

@@ -35,6 +35,15 @@ def test_leaves_flags_alone_when_told(fresh, env):
     assert env == before
 
 
+@pytest.mark.parametrize("env", [
+    {"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=individual_dot"},
+    {"VQGAN_JAX_KEEP_XLA_FLAGS": "1"},
+])
+def test_decoding_programs_take_ynnpack_dots_unless_told(fresh, env):
+    assert xla_flags.decode_compiler_options({}) == {FLAG.strip("-="): "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+    assert xla_flags.decode_compiler_options(env) == {}
+
+
 def test_leaves_older_jaxlib_alone(fresh, monkeypatch):
     monkeypatch.setattr(xla_flags, "_jaxlib_version", lambda: (0, 9))
     env = {}

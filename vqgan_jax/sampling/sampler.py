@@ -4,9 +4,9 @@ preallocated cache in place. Shapes are static, so nothing recompiles from one s
 
 The loop is cut into SEGMENTS pieces, each with a cache only as long as the positions it reaches: every
 step's attention reads the whole cache it is given, masked or not, and at batch 8 reading keys and values
-costs as much as the weights (8 of the 28 ms of a gpt_sample step at 257 positions, on a 2-core CPU)."""
-
-from functools import partial
+costs as much as the weights (8 of the 28 ms of a gpt_sample step at 257 positions, on a 2-core CPU).
+The steps run `step.step` (the GPT with transposed weights, activations feature-major), compiled with
+YNNPACK for dots on CPU (`xla_flags.decode_compiler_options`)."""
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +14,8 @@ import jax.numpy as jnp
 from vqgan_jax.models.checks import check_codes
 from vqgan_jax.sampling.cache import empty_cache, forward, grow, shortened
 from vqgan_jax.sampling.filters import draw, filter_logits
+from vqgan_jax.sampling.step import prepare, step
+from vqgan_jax.xla_flags import decode_compiler_options
 
 
 def null_condition(gpt, cond):
@@ -21,15 +23,12 @@ def null_condition(gpt, cond):
     vocabulary's last entry, see vqgan_jax.net2net) in every position."""
     return jnp.full_like(cond, gpt.vocab_size - 1)
 
-
 def guide(logits, scale):
     """logits: [2B, V], conditional rows first -> [B, V] = uncond + scale * (cond - uncond)."""
     cond, uncond = jnp.split(logits, 2, axis=0)
     return uncond + scale * (cond - uncond)
 
-
 SEGMENTS = 4
-
 
 def segment_lengths(prefix: int, total: int, segments: int = SEGMENTS) -> list[int]:
     """Cache lengths of the decoding loop's pieces for a `prefix` run in one pass and `total` positions in
@@ -37,8 +36,6 @@ def segment_lengths(prefix: int, total: int, segments: int = SEGMENTS) -> list[i
     chunk = -(-total // segments)
     return sorted({min(n, total) for n in range(-(-prefix // chunk) * chunk, total + chunk, chunk)})
 
-
-@partial(jax.jit, static_argnames=("gpt", "steps", "top_k", "use_top_p", "greedy", "guided"))
 def _sample(gpt, params, cond, given, rng, temperature, top_p, cfg_scale, *, steps, top_k, use_top_p, greedy,
             guided):
     b, n_cond, m = cond.shape[0], cond.shape[1], given.shape[1]
@@ -58,22 +55,25 @@ def _sample(gpt, params, cond, given, rng, temperature, top_p, cfg_scale, *, ste
         last = filter_logits(last, temperature, top_k, top_p if use_top_p else None)
         return draw(jax.random.fold_in(rng, t), last, greedy)
 
-    def body(dec, dec_params, t, carry):
+    weights = prepare(gpt, params)
+
+    def body(t, carry):
         cache, last, out = carry
         token = pick(t, last)
         out = out.at[:, t].set(token)
-        logits, cache = forward(dec, dec_params, cache, jnp.tile(token, 2 if guided else 1)[:, None])
+        logits, cache = step(gpt, weights, cache, jnp.tile(token, 2 if guided else 1)[:, None])
         return cache, logits[:, -1], out
 
     carry, first = (cache, logits[:, -1], out), m
     for n in lengths:  # codes t < n - n_cond fit a cache of n positions
-        dec, dec_params = shortened(gpt, params, n)
         carry = (grow(carry[0], n),) + carry[1:]
         end = min(n - n_cond, steps - 1)
-        carry, first = jax.lax.fori_loop(first, end, partial(body, dec, dec_params), carry), end
+        carry, first = jax.lax.fori_loop(first, end, body, carry), end
     _, last, out = carry
     return out.at[:, steps - 1].set(pick(steps - 1, last))
 
+_sample = jax.jit(_sample, static_argnames=("gpt", "steps", "top_k", "use_top_p", "greedy", "guided"),
+                  compiler_options=decode_compiler_options())
 
 def sample(gpt, params, cond, steps: int, rng, temperature: float = 1.0, top_k: int | None = None,
            top_p: float | None = None, greedy: bool = False, given=None, cfg_scale: float = 1.0):
