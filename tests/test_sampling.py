@@ -74,7 +74,8 @@ def test_sample_windowed_greedy_equals_the_uncached_loop_on_an_odd_window(window
     np.testing.assert_array_equal(out, _windowed_reference(gpt, params, cond, shape, window))
 
 
-def test_decoding_step_equals_the_decoding_module(small_gpt):
+@pytest.mark.parametrize("parts", [1, 3])  # weight matrices whole, or in 3 (uneven) row blocks
+def test_decoding_step_equals_the_decoding_module(small_gpt, parts):
     # The samplers' decoding step (transposed weights, feature-major activations) against the GPT module
     # in decoding mode, from a cache the module filled: same logits, same cache.
     gpt, params = small_gpt
@@ -82,7 +83,7 @@ def test_decoding_step_equals_the_decoding_module(small_gpt):
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, gpt.vocab_size, (3, 6)), jnp.int32)
     _, cache = forward(dec, params, empty_cache(dec, 3), tokens[:, :3])
     want_logits, want_cache = forward(dec, params, cache, tokens[:, 3:])
-    logits, cache = jax.jit(step, static_argnums=0)(gpt, prepare(gpt, params), cache, tokens[:, 3:])
+    logits, cache = jax.jit(step, static_argnums=0)(gpt, prepare(gpt, params, parts), cache, tokens[:, 3:])
     np.testing.assert_allclose(logits, want_logits, rtol=1e-5, atol=1e-5)
     assert jax.tree.structure(cache) == jax.tree.structure(want_cache)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), cache, want_cache)
