@@ -46,8 +46,8 @@ def _user_chose(environ) -> bool:
 
 
 def decode_compiler_options(environ=os.environ) -> dict:
-    """`compiler_options` for a decoding program's jit: YNNPACK for dots only (XLA:CPU; other backends
-    ignore the option), or {} when the user chose YNNPACK's setting or opted out, or jaxlib < 0.10."""
+    """`compiler_options` for a decoding program's jit: YNNPACK for dots only (an XLA:CPU option), or {}
+    when the user chose YNNPACK's setting or opted out, or jaxlib < 0.10."""
     if _user_chose(environ) or _jaxlib_version() < _MIN_JAXLIB:
         return {}
     return {YNN_FLAG.lstrip("-"): "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}

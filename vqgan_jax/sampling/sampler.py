@@ -23,18 +23,22 @@ def null_condition(gpt, cond):
     vocabulary's last entry, see vqgan_jax.net2net) in every position."""
     return jnp.full_like(cond, gpt.vocab_size - 1)
 
+
 def guide(logits, scale):
     """logits: [2B, V], conditional rows first -> [B, V] = uncond + scale * (cond - uncond)."""
     cond, uncond = jnp.split(logits, 2, axis=0)
     return uncond + scale * (cond - uncond)
 
+
 SEGMENTS = 4
+
 
 def segment_lengths(prefix: int, total: int, segments: int = SEGMENTS) -> list[int]:
     """Cache lengths of the decoding loop's pieces for a `prefix` run in one pass and `total` positions in
     all: the multiples of ceil(total / segments) from the first that holds the prefix, then total."""
     chunk = -(-total // segments)
     return sorted({min(n, total) for n in range(-(-prefix // chunk) * chunk, total + chunk, chunk)})
+
 
 def _sample(gpt, params, cond, given, rng, temperature, top_p, cfg_scale, *, steps, top_k, use_top_p, greedy,
             guided):
@@ -72,8 +76,10 @@ def _sample(gpt, params, cond, given, rng, temperature, top_p, cfg_scale, *, ste
     _, last, out = carry
     return out.at[:, steps - 1].set(pick(steps - 1, last))
 
+
 _sample = jax.jit(_sample, static_argnames=("gpt", "steps", "top_k", "use_top_p", "greedy", "guided"),
                   compiler_options=decode_compiler_options())
+
 
 def sample(gpt, params, cond, steps: int, rng, temperature: float = 1.0, top_k: int | None = None,
            top_p: float | None = None, greedy: bool = False, given=None, cfg_scale: float = 1.0):

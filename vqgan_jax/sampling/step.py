@@ -2,14 +2,14 @@
 
 Why not the GPT module itself: a decoding step multiplies a handful of rows (the batch) by every weight
 matrix. XLA:CPU hands x [B, K] @ W [K, N] to Eigen, whose kernel is built for many rows and is slow with
-8; the same product written W^T [N, K] @ x^T [K, B] runs 1.3x faster (8 [512, 2048] layers at B = 8,
-2-core CPU: 6.6 -> 5.0 ms). XLA folds a transpose next to a dot back into the dot, so the step keeps its activations
-feature-major ([C, B]) from the token embedding to the logits, and `prepare` transposes the weights once
-per sampling call, outside the decoding loop (a gpt_sample step: 23.5 -> 19.9 ms). The arithmetic is the module's (same LayerNorm, GELU,
-masking and scaling); the cache is the module's too (`decoder(gpt).init(...)["cache"]`), so the prefix
-can be filled by the module and the steps run here.
+8; the same product written W^T [N, K] @ x^T [K, B] runs 1.3x faster (8 [512, 2048] layers at B = 8 on
+a 2-core CPU: 6.6 -> 5.0 ms). XLA folds a transpose next to a dot back into the dot, so the step keeps
+its activations feature-major ([C, B]) from the token embedding to the logits, and `prepare` transposes
+the weights once per sampling call, outside the decoding loop (a gpt_sample step: 23.5 -> 19.9 ms).
+The arithmetic is the module's (same LayerNorm, GELU, masking and scaling; in the parameters' dtype);
+the cache is the module's too (`decoder(gpt).init(...)["cache"]`), so the prefix can be filled by the
+module and the steps run here.
 """
-
 import os
 
 import jax
