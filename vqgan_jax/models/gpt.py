@@ -62,6 +62,13 @@ def attention_mask(q_pos, k_pos, n_unmasked: int):
     return (k <= q) | ((q < n_unmasked) & (k < n_unmasked))
 
 
+def attention_bias(q_pos, k_pos, n_unmasked: int, dtype):
+    """[Tq, Tk] added to the attention logits: 0 where `attention_mask` allows, the dtype's lowest value
+    elsewhere (the original fills -inf): exp gives 0 either way, and an add is cheaper to differentiate
+    than a select."""
+    return jnp.where(attention_mask(q_pos, k_pos, n_unmasked), 0.0, jnp.finfo(dtype).min).astype(dtype)
+
+
 class CausalSelfAttention(nn.Module):
     n_embd: int
     n_head: int
@@ -94,10 +101,7 @@ class CausalSelfAttention(nn.Module):
                 cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v, (0, 0, start, 0))
                 index.value = start + t
                 k, v, q_pos = cached_k.value, cached_v.value, start + q_pos
-        mask = attention_mask(q_pos, jnp.arange(k.shape[2]), self.n_unmasked)
-        # Masked logits get the dtype's lowest value added (the original fills -inf): exp gives 0 either way,
-        # and an add is cheaper to differentiate than a select.
-        bias = jnp.where(mask, 0.0, jnp.finfo(q.dtype).min).astype(q.dtype)
+        bias = attention_bias(q_pos, jnp.arange(k.shape[2]), self.n_unmasked, q.dtype)
         # 1/sqrt(hd) on q rather than on the [Tq, Tk] logits: Tk / hd times less work, and exact when hd is a
         # power of 4 (e.g. 64).
         q = q * jnp.asarray(1.0 / hd ** 0.5, q.dtype)

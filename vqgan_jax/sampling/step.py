@@ -15,7 +15,7 @@ import os
 import jax
 import jax.numpy as jnp
 
-from vqgan_jax.models.gpt import attention_mask, gelu
+from vqgan_jax.models.gpt import attention_bias, gelu
 
 
 def matmul_parts() -> int:
@@ -83,8 +83,7 @@ def _attention(w, layer_cache, h, pos, b: int, n_head: int, n_unmasked: int):
     q, k, v = (a.reshape(n_head, hd, b, t).transpose(2, 0, 3, 1) for a in jnp.split(qkv, 3))  # [B, H, t, hd]
     keys = jax.lax.dynamic_update_slice(layer_cache["cached_key"], k, (0, 0, pos, 0))
     values = jax.lax.dynamic_update_slice(layer_cache["cached_value"], v, (0, 0, pos, 0))
-    mask = attention_mask(pos + jnp.arange(t), jnp.arange(keys.shape[2]), n_unmasked)
-    bias = jnp.where(mask, 0.0, jnp.finfo(h.dtype).min).astype(h.dtype)
+    bias = attention_bias(pos + jnp.arange(t), jnp.arange(keys.shape[2]), n_unmasked, h.dtype)
     q = q * jnp.asarray(1.0 / hd ** 0.5, q.dtype)
     att = jax.nn.softmax(jnp.einsum("bhqd,bhkd->bhqk", q, keys) + bias, axis=-1)
     # y as [B * t, C], multiplied from the left by proj (the product contracts both on their last axis):
