@@ -15,6 +15,7 @@ FLAG = "--xla_cpu_experimental_ynn_fusion_type="
 def fresh(monkeypatch):
     monkeypatch.setattr(xla_flags, "_backend_started", lambda: False)
     monkeypatch.setattr(xla_flags, "_jaxlib_version", lambda: (0, 10))
+    monkeypatch.setattr(xla_flags, "_applied_by_us", False)
 
 
 def test_appends_to_the_users_flags(fresh):
@@ -44,6 +45,13 @@ def test_decoding_programs_take_ynnpack_dots_unless_told(fresh, env):
     assert xla_flags.decode_compiler_options(env) == {}
 
 
+def test_decoding_programs_take_ynnpack_dots_after_our_own_default(fresh):
+    """The flag that apply_cpu_defaults wrote is not the user's choice: decoding still gets YNNPACK dots."""
+    env = {}
+    assert xla_flags.apply_cpu_defaults(env)
+    assert xla_flags.decode_compiler_options(env) == {FLAG.strip("-="): "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+
+
 def test_leaves_older_jaxlib_alone(fresh, monkeypatch):
     monkeypatch.setattr(xla_flags, "_jaxlib_version", lambda: (0, 9))
     env = {}
@@ -62,16 +70,22 @@ def test_warns_when_jax_already_started(monkeypatch):
 @pytest.mark.skipif(xla_flags._jaxlib_version() < xla_flags._MIN_JAXLIB, reason="jaxlib without YNNPACK")
 @pytest.mark.parametrize("opt_out", [False, True])
 def test_import_keeps_convolutions_out_of_ynnpack(opt_out):
-    """End to end in a fresh process: after `import vqgan_jax` a convolution compiles to XLA's own kernel;
-    with the opt-out, to YNNPACK (so the check can tell the two apart)."""
+    """End to end in a fresh process: after `import vqgan_jax` a convolution compiles to XLA's own kernel
+    and a decoding program's weight product to YNNPACK; with the opt-out, both to YNNPACK's default (so
+    the check can tell the two apart)."""
     code = ("import vqgan_jax, jax, jax.numpy as jnp\n"
             "x, w = jnp.ones((4, 32, 32, 64)), jnp.ones((3, 3, 64, 64))\n"  # YNNPACK takes convs this size
             "f = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), 'SAME', "
             "dimension_numbers=('NHWC', 'HWIO', 'NHWC'))\n"
-            "print('ynn' in jax.jit(f).lower(x, w).compile().as_text().lower())\n")
+            "print('ynn' in jax.jit(f).lower(x, w).compile().as_text().lower())\n"
+            "opts = vqgan_jax.xla_flags.decode_compiler_options()\n"  # what the samplers compile with
+            "m, v = jnp.ones((1024, 512)), jnp.ones((512, 8))\n"
+            "print('ynn' in jax.jit(jnp.dot, compiler_options=opts).lower(m, v).compile().as_text().lower())\n")
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", xla_flags.OPT_OUT)}
     if opt_out:
         env[xla_flags.OPT_OUT] = "1"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.split()[-1] == str(opt_out)
+    conv_in_ynn, decode_dot_in_ynn = out.stdout.split()[-2:]
+    assert conv_in_ynn == str(opt_out)
+    assert decode_dot_in_ynn == "True"

@@ -25,6 +25,7 @@ import warnings
 YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
 OPT_OUT = "VQGAN_JAX_KEEP_XLA_FLAGS"
 _MIN_JAXLIB = (0, 10)
+_applied_by_us = False  # the YNNPACK flag now in XLA_FLAGS is ours, not the user's choice
 
 
 def _jaxlib_version() -> tuple[int, ...]:
@@ -48,7 +49,7 @@ def _user_chose(environ) -> bool:
 def decode_compiler_options(environ=os.environ) -> dict:
     """`compiler_options` for a decoding program's jit: YNNPACK for dots only (an XLA:CPU option), or {}
     when the user chose YNNPACK's setting or opted out, or jaxlib < 0.10."""
-    if _user_chose(environ) or _jaxlib_version() < _MIN_JAXLIB:
+    if (_user_chose(environ) and not _applied_by_us) or _jaxlib_version() < _MIN_JAXLIB:
         return {}
     return {YNN_FLAG.lstrip("-"): "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
 
@@ -64,5 +65,7 @@ def apply_cpu_defaults(environ=os.environ) -> bool:
                       f"(slower here; see vqgan_jax/xla_flags.py): import vqgan_jax first, or set "
                       f"XLA_FLAGS={YNN_FLAG}= yourself", stacklevel=3)
         return False
+    global _applied_by_us
     environ["XLA_FLAGS"] = f"{flags} {YNN_FLAG}=".strip()
+    _applied_by_us = True
     return True
