@@ -11,6 +11,12 @@ import jax.numpy as jnp
 
 from vqgan_jax.models import GPT
 from vqgan_jax.sampling import sample, sample_windowed
+from vqgan_jax.sampling.sampler import segment_lengths
+
+# Peak memory bandwidth in bytes/s by device kind (first match wins): decoding at small batch is bound by
+# reading the weights and the KV cache, so that is its roofline.
+PEAK_BANDWIDTH = {"H200": 4.8e12, "H100 PCIe": 2.0e12, "H100": 3.35e12, "A100-SXM4-80GB": 2.04e12,
+                  "A100": 1.56e12}
 
 
 def _gpt(model: dict, dtype: str):
@@ -39,10 +45,34 @@ def bench_gpt_sample(spec: dict, workloads: dict, repeats: int, dtype: str) -> d
     cond = jnp.full((b, 1), 7, jnp.int32)  # one class token
     first, total, times = _time(lambda: sample(gpt, params, cond, steps=steps, rng=jax.random.PRNGKey(1),
                                                top_k=100, temperature=1.0), repeats)
-    return dict(workload="gpt_sample", impl="vqgan-jax", tokens_per_s=b * steps / total, total_s=total,
-                compile_s=first, step_ms=total / steps * 1e3, repeats=repeats,
-                total_s_all=[round(t, 3) for t in times], batch=b, steps=steps, top_k=100, dtype=dtype,
-                params=sum(x.size for x in jax.tree.leaves(params)))
+    moved = decode_bytes(gpt, params, b, cond.shape[1], steps)
+    step_s = total / (steps - 1)  # steps - 1 forward steps; the prefix pass and the last draw are in total_s too
+    record = dict(workload="gpt_sample", impl="vqgan-jax", tokens_per_s=b * steps / total, total_s=total,
+                  compile_s=first, step_ms=total / steps * 1e3, repeats=repeats,
+                  total_s_all=[round(t, 3) for t in times], batch=b, steps=steps, top_k=100, dtype=dtype,
+                  params=sum(x.size for x in jax.tree.leaves(params)), bytes_per_step=moved,
+                  gb_per_s=moved / step_s / 1e9)
+    kind = jax.devices()[0].device_kind
+    peak = next((bw for name, bw in PEAK_BANDWIDTH.items() if name in kind), None)
+    if peak:
+        record.update(memory_bandwidth_fraction=moved / step_s / peak, peak_bandwidth_tb_s=peak / 1e12)
+    return record
+
+
+def decode_bytes(gpt, params, batch: int, n_cond: int, steps: int) -> float:
+    """Bytes one decoding step of `sample` reads, averaged over the steps: every weight but the embedding
+    tables (one row each is gathered), plus the keys and values of the cache segment the step attends
+    over (sampler.segment_lengths: a step reads its segment's whole cache)."""
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    weights = sum(x.nbytes for path, x in leaves if not any("emb" in str(getattr(k, "key", k)) for k in path))
+    itemsize = jnp.dtype(gpt.dtype).itemsize
+    kv_per_position = 2 * gpt.n_layer * batch * gpt.n_embd * itemsize
+    kv, first = 0, 0
+    for n in segment_lengths(n_cond, n_cond + steps - 1):
+        end = min(n - n_cond, steps - 1)
+        kv += (end - first) * n * kv_per_position
+        first = end
+    return weights + kv / (steps - 1)
 
 
 def bench_window_sample(spec: dict, workloads: dict, repeats: int, dtype: str) -> dict:

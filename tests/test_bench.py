@@ -1,4 +1,4 @@
-"""The benchmark harness's gpt_train_step workload, and the GPT changes made for its speed: the gradient
+"""The benchmark harness's gpt_train_step and gpt_sample workloads, and the GPT changes made for its speed: the gradient
 materialisation is an exact identity, and it keeps XLA:CPU from recomputing the residual stream's gradient
 once per consumer (the largest fusion of the backward pass stays the same size however deep the model)."""
 
@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from bench import run as bench_run
+from bench import sampling as bench_sampling
 from vqgan_jax.models import GPT
 from vqgan_jax.models.gpt import gelu, materialize_grad
 
@@ -32,6 +33,21 @@ def test_gpt_train_step_record(dtype):
 def test_gpt_train_step_is_listed():
     assert "gpt_train_step" in bench_run.BENCHMARKS
     assert set(bench_run.load_workloads()["gpt_train_step"]["model"]) >= {"vocab_size", "block_size", "n_layer"}
+
+
+def test_gpt_sample_record_counts_the_bytes_a_step_reads():
+    """Weights without the embedding tables, 12 C^2 + 13 C per layer + 2 C (ln_f) + C V (head); keys and
+    values of the segment each of the 15 steps attends over (segments of 4, 8, 12, 16 positions for 1
+    condition token + 15 codes: 3, 4, 4 and 4 steps)."""
+    c, v, b = 32, 64, 2
+    spec = {"model": dict(TINY_SPEC["model"]), "batch": b, "steps": 16}
+    record = bench_sampling.bench_gpt_sample(spec, {}, repeats=1, dtype="float32")
+    weights = 4 * (12 * c * c + 13 * c + 2 * c + c * v)
+    kv = (3 * 4 + 4 * 8 + 4 * 12 + 4 * 16) * (2 * 1 * b * c * 4) / 15
+    assert record["bytes_per_step"] == pytest.approx(weights + kv)
+    assert record["gb_per_s"] > 0 and record["tokens_per_s"] > 0
+    if jax.default_backend() == "cpu":  # no peak bandwidth is known for a CPU
+        assert "memory_bandwidth_fraction" not in record
 
 
 def test_materialize_grad_is_the_identity():

@@ -15,8 +15,9 @@ The flag only concerns XLA:CPU: GPU and TPU programs are unchanged.
 
 The samplers' decoding programs are the exception: there every matmul is a weight matrix times a few
 columns (the batch, feature-major; see sampling/step.py), where YNNPACK's kernel beats Eigen's (a
-gpt_sample step 18.8 -> 16.8 ms, measured in one process). `decode_compiler_options()` gives those
-programs YNNPACK for dots alone, per jit, under the same conditions.
+gpt_sample step 20.5 -> 18.0 ms, measured in one process). `decode_compiler_options()` gives those
+programs YNNPACK for dots alone, per jit, under the same conditions; the flag that `apply_cpu_defaults`
+wrote itself does not count as the user's choice.
 """
 
 import os
