@@ -1,6 +1,7 @@
-"""The benchmark harness's gpt_train_step and gpt_sample workloads, and the GPT changes made for its speed: the gradient
-materialisation is an exact identity, and it keeps XLA:CPU from recomputing the residual stream's gradient
-once per consumer (the largest fusion of the backward pass stays the same size however deep the model)."""
+"""The benchmark harness's gpt_train_step and gpt_sample workloads, and the GPT changes made for the
+training step's speed: the gradient materialisation is an exact identity, and it keeps XLA:CPU from
+recomputing the residual stream's gradient once per consumer (the largest fusion of the backward pass
+stays the same size however deep the model)."""
 
 import re
 
