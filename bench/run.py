@@ -21,6 +21,16 @@ WORKLOADS_PATHS = (os.path.join(HERE, "..", "..", "shared", "bench", "workloads.
 
 # Dense peak FLOP/s per chip, for model FLOP utilisation: (float32 via TF32 tensor cores, bfloat16).
 PEAK_FLOPS = {"H100": (494.7e12, 989.4e12), "H200": (494.7e12, 989.4e12), "A100": (156e12, 312e12)}
+# Peak memory bandwidth in bytes/s (first match wins): decoding at small batch is bound by reading the
+# weights and the KV cache, so that is its roofline.
+PEAK_BANDWIDTH = {"H200": 4.8e12, "H100 PCIe": 2.0e12, "H100": 3.35e12, "A100-SXM4-80GB": 2.04e12,
+                  "A100": 1.56e12}
+
+
+def device_peak(table: dict):
+    """The entry of `table` whose name is in this machine's first device kind, or None."""
+    kind = jax.devices()[0].device_kind
+    return next((peak for name, peak in table.items() if name in kind), None)
 
 
 def load_workloads(path=None) -> dict:
@@ -51,7 +61,7 @@ def device_context(flops_per_step: float | None, step_s: float, dtype: str) -> d
            "jax": jax.__version__}
     if flops_per_step:
         out["tflops_per_s"] = flops_per_step / step_s / 1e12
-        peak = next((p for name, p in PEAK_FLOPS.items() if name in device.device_kind), None)
+        peak = device_peak(PEAK_FLOPS)
         if peak:
             out["mfu"] = flops_per_step / step_s / peak[1 if dtype == "bfloat16" else 0]
             out["mfu_peak_tflops"] = peak[1 if dtype == "bfloat16" else 0] / 1e12

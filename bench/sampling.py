@@ -9,14 +9,10 @@ import statistics
 import jax
 import jax.numpy as jnp
 
+from bench.run import PEAK_BANDWIDTH, device_peak
 from vqgan_jax.models import GPT
 from vqgan_jax.sampling import sample, sample_windowed
 from vqgan_jax.sampling.sampler import segment_lengths
-
-# Peak memory bandwidth in bytes/s by device kind (first match wins): decoding at small batch is bound by
-# reading the weights and the KV cache, so that is its roofline.
-PEAK_BANDWIDTH = {"H200": 4.8e12, "H100 PCIe": 2.0e12, "H100": 3.35e12, "A100-SXM4-80GB": 2.04e12,
-                  "A100": 1.56e12}
 
 
 def _gpt(model: dict, dtype: str):
@@ -52,8 +48,7 @@ def bench_gpt_sample(spec: dict, workloads: dict, repeats: int, dtype: str) -> d
                   total_s_all=[round(t, 3) for t in times], batch=b, steps=steps, top_k=100, dtype=dtype,
                   params=sum(x.size for x in jax.tree.leaves(params)), bytes_per_step=moved,
                   gb_per_s=moved / step_s / 1e9)
-    kind = jax.devices()[0].device_kind
-    peak = next((bw for name, bw in PEAK_BANDWIDTH.items() if name in kind), None)
+    peak = device_peak(PEAK_BANDWIDTH)
     if peak:
         record.update(memory_bandwidth_fraction=moved / step_s / peak, peak_bandwidth_tb_s=peak / 1e12)
     return record
