@@ -49,6 +49,16 @@ def _materialize_grad_bwd(_, g):
 materialize_grad.defvjp(_materialize_grad_fwd, _materialize_grad_bwd)
 
 
+def over_tokens(layer, x):
+    """layer (a Dense) applied to x: [..., C_in] flattened to [N, C_in] -> [..., C_out].
+
+    With a single token axis the weight gradient is one [N, C_in]^T [N, C_out] product; with the [B, T]
+    axes left apart, XLA:CPU instead copies the output gradient transposed and multiplies two transposed
+    operands, at half the rate."""
+    y = layer(x.reshape(-1, x.shape[-1]))
+    return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
 def gelu(x):
     """Exact GELU as PyTorch computes it, x * 0.5 * (1 + erf(x / sqrt(2))) (jax.nn.gelu(approximate=False)
     goes through erfc, which XLA:CPU evaluates with an exp and is slower)."""
@@ -86,7 +96,7 @@ class CausalSelfAttention(nn.Module):
         dense = lambda name: nn.Dense(c, dtype=self.dtype, kernel_init=_init, name=name)  # noqa: E731
         # Heads ahead of positions ([B, H, T, hd]): the cache is read every decoding step, and in this layout
         # both attention matmuls take it as it lies (with [B, T, H, hd] XLA copies it transposed each step).
-        k, q, v = (dense(name)(x).reshape(b, t, self.n_head, hd).transpose(0, 2, 1, 3)
+        k, q, v = (over_tokens(dense(name), x).reshape(b, t, self.n_head, hd).transpose(0, 2, 1, 3)
                    for name in ("key", "query", "value"))
 
         q_pos = jnp.arange(t)
@@ -108,7 +118,7 @@ class CausalSelfAttention(nn.Module):
         att = jnp.einsum("bhqd,bhkd->bhqk", q, k) + bias
         att = nn.Dropout(self.attn_pdrop, deterministic=not train)(nn.softmax(att, axis=-1))
         y = jnp.einsum("bhqk,bhkd->bqhd", att, v).reshape(b, t, c)
-        y = dense("proj")(y)
+        y = over_tokens(dense("proj"), y)
         return nn.Dropout(self.resid_pdrop, deterministic=not train)(y)
 
 
@@ -131,8 +141,8 @@ class Block(nn.Module):
                                     self.attn_pdrop, self.resid_pdrop, self.decode, self.dtype,
                                     name="attn")(ln("ln1")(x), train)
         x = materialize_grad(x)
-        h = nn.Dense(4 * self.n_embd, dtype=self.dtype, kernel_init=_init, name="mlp_0")(ln("ln2")(x))
-        h = nn.Dense(self.n_embd, dtype=self.dtype, kernel_init=_init, name="mlp_2")(gelu(h))
+        h = over_tokens(nn.Dense(4 * self.n_embd, dtype=self.dtype, kernel_init=_init, name="mlp_0"), ln("ln2")(x))
+        h = over_tokens(nn.Dense(self.n_embd, dtype=self.dtype, kernel_init=_init, name="mlp_2"), gelu(h))
         return x + nn.Dropout(self.resid_pdrop, deterministic=not train)(h)
 
 
@@ -182,4 +192,4 @@ class GPT(nn.Module):
             x = Block(self.n_embd, self.n_head, self.block_size, self.n_unmasked, self.attn_pdrop,
                       self.resid_pdrop, self.decode, self.dtype, name=f"blocks_{i}")(x, train)
         x = nn.LayerNorm(epsilon=1e-5, use_fast_variance=False, dtype=self.dtype, name="ln_f")(materialize_grad(x))
-        return nn.Dense(self.vocab_size, use_bias=False, dtype=self.dtype, kernel_init=_init, name="head")(x)
+        return over_tokens(nn.Dense(self.vocab_size, use_bias=False, dtype=self.dtype, kernel_init=_init, name="head"), x)
