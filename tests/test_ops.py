@@ -1,5 +1,5 @@
-"""Our convolution and group norm equal flax's nn.Conv and nn.GroupNorm in value and gradient, with the
-same parameter names, so checkpoints carry over."""
+"""Our convolution, group norm, layer norm and the GPT's Dense equal flax's nn.Conv, nn.GroupNorm,
+nn.LayerNorm and nn.Dense in value and gradient, with the same parameter names, so checkpoints carry over."""
 
 import flax.linen as nn
 import jax
@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from vqgan_jax.models.conv import Conv, _kernel_grad_strips, _strips, conv2d_given_dx_kernel, flip_transpose
-from vqgan_jax.models.norm import GroupNorm
+from vqgan_jax.models.gpt import Dense
+from vqgan_jax.models.norm import GroupNorm, LayerNorm
 
 
 @pytest.mark.parametrize("shape, kernel, stride, padding", [
@@ -73,17 +74,21 @@ def test_conv_module_has_nn_conv_parameters():
     np.testing.assert_array_equal(ours["params"]["kernel"], ref["params"]["kernel"])
 
 
-@pytest.mark.parametrize("shape", [(2, 8, 8, 64), (3, 5, 7, 32)])
-def test_group_norm_value_and_gradients_equal_flax(shape):
+@pytest.mark.parametrize("shape, ours, ref", [
+    ((2, 8, 8, 64), GroupNorm(32, 1e-6), nn.GroupNorm(32, epsilon=1e-6, use_fast_variance=False)),
+    ((3, 5, 7, 32), GroupNorm(32, 1e-6), nn.GroupNorm(32, epsilon=1e-6, use_fast_variance=False)),
+    ((2, 9, 48), LayerNorm(1e-5), nn.LayerNorm(epsilon=1e-5, use_fast_variance=False)),
+    ((2, 9, 48), Dense(24), nn.Dense(24, kernel_init=nn.initializers.normal(0.02))),
+    ((2, 3, 5, 16), Dense(8, use_bias=False), nn.Dense(8, use_bias=False, kernel_init=nn.initializers.normal(0.02))),
+])
+def test_module_value_and_gradients_equal_flax(shape, ours, ref):
     x = jax.random.normal(jax.random.PRNGKey(0), shape) * 3 + 1
-    ref = nn.GroupNorm(32, epsilon=1e-6, use_fast_variance=False)
     params = ref.init(jax.random.PRNGKey(1), x)
-    assert jax.tree.map(jnp.shape, GroupNorm(32, 1e-6).init(jax.random.PRNGKey(1), x)) == \
-        jax.tree.map(jnp.shape, params)
+    assert jax.tree.map(jnp.shape, ours.init(jax.random.PRNGKey(1), x)) == jax.tree.map(jnp.shape, params)
     params = jax.tree.map(lambda a: a + jax.random.normal(jax.random.PRNGKey(2), a.shape), params)
-    loss = lambda m: lambda p, x: jnp.sum(jnp.sin(m.apply(p, x)) * jnp.cos(x))  # noqa: E731
-    np.testing.assert_allclose(GroupNorm(32, 1e-6).apply(params, x), ref.apply(params, x), atol=1e-5)
-    ours_g = jax.tree.leaves(jax.grad(loss(GroupNorm(32, 1e-6)), (0, 1))(params, x))
+    loss = lambda m: lambda p, x: jnp.sum(jnp.sin(m.apply(p, x)) * jnp.cos(x[..., :1]))  # noqa: E731
+    np.testing.assert_allclose(ours.apply(params, x), ref.apply(params, x), atol=1e-5, rtol=1e-5)
+    ours_g = jax.tree.leaves(jax.grad(loss(ours), (0, 1))(params, x))
     ref_g = jax.tree.leaves(jax.grad(loss(ref), (0, 1))(params, x))
     for g, g_ref in zip(ours_g, ref_g):
         np.testing.assert_allclose(g, g_ref, atol=1e-5 * float(jnp.abs(g_ref).max()))

@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 
 from vqgan_jax.models.checks import check_codes
+from vqgan_jax.models.conv import add_bias
+from vqgan_jax.models.norm import LayerNorm
 
 Dtype = Any
 _init = nn.initializers.normal(0.02)
@@ -49,14 +51,24 @@ def _materialize_grad_bwd(_, g):
 materialize_grad.defvjp(_materialize_grad_fwd, _materialize_grad_bwd)
 
 
-def over_tokens(layer, x):
-    """layer (a Dense) applied to x: [..., C_in] flattened to [N, C_in] -> [..., C_out].
+class Dense(nn.Module):
+    """`nn.Dense` (same `kernel`/`bias` parameters and initialisers) over x: [..., C_in] -> [..., features],
+    written for XLA:CPU's sake: x is flattened to one token axis, so that the weight gradient is a single
+    [N, C_in]^T [N, C_out] product (with [B, T] apart XLA:CPU copies the output gradient transposed and
+    multiplies two transposed operands, at half the rate), and the bias gradient is `add_bias`'s product
+    with a vector of ones (XLA:CPU's column sum over N runs several times slower)."""
+    features: int
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+    kernel_init: Any = _init
 
-    With a single token axis the weight gradient is one [N, C_in]^T [N, C_out] product; with the [B, T]
-    axes left apart, XLA:CPU instead copies the output gradient transposed and multiplies two transposed
-    operands, at half the rate."""
-    y = layer(x.reshape(-1, x.shape[-1]))
-    return y.reshape(*x.shape[:-1], y.shape[-1])
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features)).astype(self.dtype)
+        y = jnp.dot(x.reshape(-1, x.shape[-1]).astype(self.dtype), kernel)
+        if self.use_bias:
+            y = add_bias(y, self.param("bias", nn.initializers.zeros, (self.features,)).astype(self.dtype))
+        return y.reshape(*x.shape[:-1], self.features)
 
 
 def gelu(x):
@@ -93,10 +105,10 @@ class CausalSelfAttention(nn.Module):
     def __call__(self, x, train: bool = False):
         b, t, c = x.shape
         hd = c // self.n_head
-        dense = lambda name: nn.Dense(c, dtype=self.dtype, kernel_init=_init, name=name)  # noqa: E731
+        dense = lambda name: Dense(c, dtype=self.dtype, kernel_init=_init, name=name)  # noqa: E731
         # Heads ahead of positions ([B, H, T, hd]): the cache is read every decoding step, and in this layout
         # both attention matmuls take it as it lies (with [B, T, H, hd] XLA copies it transposed each step).
-        k, q, v = (over_tokens(dense(name), x).reshape(b, t, self.n_head, hd).transpose(0, 2, 1, 3)
+        k, q, v = (dense(name)(x).reshape(b, t, self.n_head, hd).transpose(0, 2, 1, 3)
                    for name in ("key", "query", "value"))
 
         q_pos = jnp.arange(t)
@@ -118,7 +130,7 @@ class CausalSelfAttention(nn.Module):
         att = jnp.einsum("bhqd,bhkd->bhqk", q, k) + bias
         att = nn.Dropout(self.attn_pdrop, deterministic=not train)(nn.softmax(att, axis=-1))
         y = jnp.einsum("bhqk,bhkd->bqhd", att, v).reshape(b, t, c)
-        y = over_tokens(dense("proj"), y)
+        y = dense("proj")(y)
         return nn.Dropout(self.resid_pdrop, deterministic=not train)(y)
 
 
@@ -135,14 +147,14 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        ln = lambda name: nn.LayerNorm(epsilon=1e-5, use_fast_variance=False, dtype=self.dtype, name=name)  # noqa: E731
+        ln = lambda name: LayerNorm(epsilon=1e-5, dtype=self.dtype, name=name)  # noqa: E731
         x = materialize_grad(x)
         x = x + CausalSelfAttention(self.n_embd, self.n_head, self.block_size, self.n_unmasked,
                                     self.attn_pdrop, self.resid_pdrop, self.decode, self.dtype,
                                     name="attn")(ln("ln1")(x), train)
         x = materialize_grad(x)
-        h = over_tokens(nn.Dense(4 * self.n_embd, dtype=self.dtype, kernel_init=_init, name="mlp_0"), ln("ln2")(x))
-        h = over_tokens(nn.Dense(self.n_embd, dtype=self.dtype, kernel_init=_init, name="mlp_2"), gelu(h))
+        h = Dense(4 * self.n_embd, dtype=self.dtype, name="mlp_0")(ln("ln2")(x))
+        h = Dense(self.n_embd, dtype=self.dtype, name="mlp_2")(gelu(h))
         return x + nn.Dropout(self.resid_pdrop, deterministic=not train)(h)
 
 
@@ -191,5 +203,5 @@ class GPT(nn.Module):
         for i in range(self.n_layer):
             x = Block(self.n_embd, self.n_head, self.block_size, self.n_unmasked, self.attn_pdrop,
                       self.resid_pdrop, self.decode, self.dtype, name=f"blocks_{i}")(x, train)
-        x = nn.LayerNorm(epsilon=1e-5, use_fast_variance=False, dtype=self.dtype, name="ln_f")(materialize_grad(x))
-        return over_tokens(nn.Dense(self.vocab_size, use_bias=False, dtype=self.dtype, kernel_init=_init, name="head"), x)
+        x = LayerNorm(epsilon=1e-5, dtype=self.dtype, name="ln_f")(materialize_grad(x))
+        return Dense(self.vocab_size, use_bias=False, dtype=self.dtype, name="head")(x)
