@@ -214,6 +214,21 @@ def test_gpt_n_unmasked_makes_the_prefix_bidirectional():
     np.testing.assert_array_equal(prefix[0][:, :4], prefix[2][:, :4])   # beyond the prefix: causal again
 
 
+@pytest.mark.parametrize("t, n_unmasked", [(12, 0), (10, 5), (3, 0)])
+def test_attention_in_query_blocks_equals_one_block(t, n_unmasked):
+    """Row blocks whose keys stop at the block's last query (or at n_unmasked) give the full attention's
+    values and gradients: the keys they skip are the masked ones."""
+    from vqgan_jax.models.gpt import CausalSelfAttention
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, t, 16))
+    attn = lambda blocks: CausalSelfAttention(16, 2, 12, n_unmasked, query_blocks=blocks)  # noqa: E731
+    params = attn(1).init(jax.random.PRNGKey(1), x)
+    loss = lambda blocks: lambda p, x: jnp.sum(jnp.sin(attn(blocks).apply(p, x)))  # noqa: E731
+    np.testing.assert_allclose(attn(4).apply(params, x), attn(1).apply(params, x), atol=1e-6)
+    for g, g_ref in zip(jax.tree.leaves(jax.grad(loss(4), (0, 1))(params, x)),
+                        jax.tree.leaves(jax.grad(loss(1), (0, 1))(params, x))):
+        np.testing.assert_allclose(g, g_ref, atol=1e-5)
+
+
 def test_kv_cache_prefill_then_steps_match_full_forward():
     kwargs = dict(vocab_size=12, block_size=8, n_layer=2, n_head=2, n_embd=16, n_unmasked=2)
     tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 8), 0, 12)

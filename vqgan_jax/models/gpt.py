@@ -100,6 +100,7 @@ class CausalSelfAttention(nn.Module):
     resid_pdrop: float = 0.0
     decode: bool = False
     dtype: Dtype = jnp.float32
+    query_blocks: int = 4
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -123,13 +124,21 @@ class CausalSelfAttention(nn.Module):
                 cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v, (0, 0, start, 0))
                 index.value = start + t
                 k, v, q_pos = cached_k.value, cached_v.value, start + q_pos
-        bias = attention_bias(q_pos, jnp.arange(k.shape[2]), self.n_unmasked, q.dtype)
         # 1/sqrt(hd) on q rather than on the [Tq, Tk] logits: Tk / hd times less work, and exact when hd is a
         # power of 4 (e.g. 64).
         q = q * jnp.asarray(1.0 / hd ** 0.5, q.dtype)
-        att = jnp.einsum("bhqd,bhkd->bhqk", q, k) + bias
-        att = nn.Dropout(self.attn_pdrop, deterministic=not train)(nn.softmax(att, axis=-1))
-        y = jnp.einsum("bhqk,bhkd->bqhd", att, v).reshape(b, t, c)
+        dropout = nn.Dropout(self.attn_pdrop, deterministic=not train)
+        # Over the whole sequence, queries in row blocks: each block's keys end at its last query (or at
+        # n_unmasked), so the products skip most of the masked upper triangle (5/8 of the work with 4 blocks).
+        blocks = 1 if self.decode else min(self.query_blocks, t)
+        bounds = [t * i // blocks for i in range(blocks + 1)]
+        ys = []
+        for start, end in zip(bounds[:-1], bounds[1:]):
+            keys = k.shape[2] if self.decode else min(max(end, self.n_unmasked), t)
+            bias = attention_bias(q_pos[start:end], jnp.arange(keys), self.n_unmasked, q.dtype)
+            att = jnp.einsum("bhqd,bhkd->bhqk", q[:, :, start:end], k[:, :, :keys]) + bias
+            ys.append(jnp.einsum("bhqk,bhkd->bqhd", dropout(nn.softmax(att, axis=-1)), v[:, :, :keys]))
+        y = jnp.concatenate(ys, axis=1).reshape(b, t, c)
         y = dense("proj")(y)
         return nn.Dropout(self.resid_pdrop, deterministic=not train)(y)
 
