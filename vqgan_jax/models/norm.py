@@ -1,4 +1,4 @@
-"""Group normalisation (NHWC) with a hand-written gradient.
+"""Group normalisation (NHWC) and layer normalisation with hand-written gradients.
 
 Statistics are float32 whatever the input dtype, and the variance is two-pass, as flax's
 `GroupNorm(use_fast_variance=False)`; the gradient reuses the forward's normalised map instead of
@@ -18,6 +18,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from vqgan_jax.models.conv import column_sum
 
 Dtype = Any
 
@@ -94,12 +96,6 @@ class GroupNorm(nn.Module):
         return group_norm(x.astype(self.dtype), scale, bias, self.num_groups, self.epsilon)
 
 
-def _column_sum(t):
-    """t: [N, C] float32 -> [C], as a product with a vector of ones: XLA:CPU rewrites a reduction over a
-    long major axis into a windowed one that runs several times slower."""
-    return jnp.dot(jnp.ones(t.shape[0], t.dtype), t, precision=lax.Precision.HIGHEST)
-
-
 @partial(jax.custom_vjp, nondiff_argnums=(3,))
 def layer_norm(x, scale, bias, eps: float):
     """x: [..., C]; scale, bias: [C] -> [..., C] in x's dtype, normalised over C (two-pass variance)."""
@@ -123,7 +119,7 @@ def _layer_norm_bwd(eps, residuals, g):
     # dx = inv * (d_hat - mean_C(d_hat) - x_hat * mean_C(d_hat * x_hat))
     dx = inv * (d_hat - jnp.mean(d_hat, axis=-1, keepdims=True)
                 - x_hat * jnp.mean(d_hat * x_hat, axis=-1, keepdims=True))
-    d_scale, d_bias = _column_sum(g * x_hat), _column_sum(g)
+    d_scale, d_bias = column_sum(g * x_hat), column_sum(g)
     return dx.reshape(shape).astype(dtype), d_scale.astype(scale.dtype), d_bias.astype(scale.dtype)
 
 
