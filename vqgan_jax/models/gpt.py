@@ -106,7 +106,7 @@ class CausalSelfAttention(nn.Module):
     def __call__(self, x, train: bool = False):
         b, t, c = x.shape
         hd = c // self.n_head
-        dense = lambda name: Dense(c, dtype=self.dtype, kernel_init=_init, name=name)  # noqa: E731
+        dense = lambda name: Dense(c, dtype=self.dtype, name=name)  # noqa: E731
         # Heads ahead of positions ([B, H, T, hd]): the cache is read every decoding step, and in this layout
         # both attention matmuls take it as it lies (with [B, T, H, hd] XLA copies it transposed each step).
         k, q, v = (dense(name)(x).reshape(b, t, self.n_head, hd).transpose(0, 2, 1, 3)
