@@ -15,7 +15,7 @@ def main(data_path, workdir, coordinator, process_id):
     from sharded_step_worker import tiny_config
     from vqgan_jax.train import run
 
-    c = tiny_config()
+    c = tiny_config(lpips=False)
     c.data.path = data_path
     c.total_steps = 2
     c.loss.disc_start = 1

@@ -138,6 +138,7 @@ def test_torch_default_init_draws_within_fan_in_bounds():
     from vqgan_jax.models.init import torch_default_init
 
     params = {"conv": {"kernel": jnp.zeros((3, 3, 64, 32)), "bias": jnp.zeros((32,))},
+              "conv2": {"kernel": jnp.zeros((3, 3, 64, 32))},
               "block": {"dense": {"kernel": jnp.zeros((400, 300)), "bias": jnp.zeros((300,), jnp.bfloat16)},
                         "norm": {"scale": jnp.ones((8,)), "bias": jnp.zeros((8,))}},
               "codebook": {"embedding": jnp.full((16, 4), 0.5)}}
@@ -152,6 +153,8 @@ def test_torch_default_init_draws_within_fan_in_bounds():
             assert 0.9 * bound < np.abs(v).max() <= bound * (1 + 2 ** -8)  # bfloat16 rounds the bound
         # uniform on [-b, b]: standard deviation b / sqrt(3) (PyTorch's kaiming_uniform with a = sqrt(5))
         assert np.std(np.asarray(layer["kernel"])) == pytest.approx(bound / np.sqrt(3), rel=0.02)
+    # one draw cut into the leaves: each leaf gets its own part of it
+    assert not np.any(np.asarray(out["conv2"]["kernel"]) == np.asarray(out["conv"]["kernel"]))
     jax.tree_util.tree_map(np.testing.assert_array_equal, out["block"]["norm"], params["block"]["norm"])
     np.testing.assert_array_equal(out["codebook"]["embedding"], params["codebook"]["embedding"])
     assert not np.array_equal(out["conv"]["kernel"], torch_default_init(params, jax.random.PRNGKey(1))["conv"]["kernel"])

@@ -38,6 +38,7 @@ def test_step_on_four_devices_equals_one_device(tmp_path):
     assert int(one["devices"]) == 1 and int(four["devices"]) == 4
     assert sorted(one.files) == sorted(four.files)
     assert float(one["metric/disc_loss"]) > 0 and float(one["metric/d_weight"]) > 0  # the GAN is on
+    assert float(one["metric/p_loss"]) > 0  # and LPIPS
     lr = float(one["metric/learning_rate"])
     compared = total = 0
     for key in set(one.files) - {"devices"}:
@@ -71,7 +72,7 @@ def _tiny_run_config(data_path, total_steps):
     sys.path.insert(0, os.path.join(ROOT, "tests"))
     from sharded_step_worker import tiny_config
 
-    c = tiny_config()
+    c = tiny_config(lpips=False)
     c.data.path = data_path
     c.total_steps = total_steps
     c.loss.disc_start = 2          # both phases: without, then with the discriminator
@@ -105,6 +106,7 @@ def test_resume_continues_exactly(tmp_path):
         logged = [json.loads(line) for line in f]
     assert [r["step"] for r in logged] == [1, 2, 3, 4, 5, 6]
     assert logged[0]["disc_factor"] == 0 and logged[-1]["disc_factor"] == 1 and "disc_loss" in logged[-1]
+    assert logged[-1]["p_loss"] == 0  # perceptual_weight 0: no LPIPS network in the step, as the original
     for key in ("total_loss", "psnr", "codebook_usage", "perplexity", "learning_rate", "d_weight", "steps_per_sec"):
         assert np.isfinite(logged[-1][key]), key
 

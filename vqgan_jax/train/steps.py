@@ -63,8 +63,11 @@ def make_train_step(models: Models, config, gan_in_generator: bool, train_disc: 
         def rec_loss(x_rec):
             if lc.kind == "segmentation":
                 return losses.bce_with_logits(x_rec, x), jnp.zeros((), jnp.float32)
-            d = models.lpips.apply({"params": lpips_params}, x, x_rec, train=True,
-                                   rngs={"dropout": jax.random.fold_in(rng, 2)})
+            if lc.perceptual_weight > 0:
+                d = models.lpips.apply({"params": lpips_params}, x, x_rec, train=True,
+                                       rngs={"dropout": jax.random.fold_in(rng, 2)})
+            else:  # as the original: no LPIPS network at all, and p_loss logs 0
+                d = jnp.zeros(x.shape[:1], jnp.float32)
             nll = losses.reconstruction_loss(x, x_rec, d, lc.perceptual_weight, lc.pixelloss_weight, lc.pixel_loss)
             return nll, jnp.mean(d)
 
