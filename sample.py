@@ -21,6 +21,7 @@ flags.DEFINE_string("first_stage", None, "with --gpt: the VQGAN (saved directory
 flags.DEFINE_string("first_stage_config", "", "YAML of an original first-stage .ckpt")
 flags.DEFINE_enum("cond_kind", "sos", ["sos", "class", "coord", "segmentation", "depth"], "with --gpt: the condition")
 flags.DEFINE_string("cond_stage", "", "with --gpt: the conditioning VQGAN (segmentation, depth)")
+flags.DEFINE_string("cond_stage_config", "", "YAML of an original conditioning-stage .ckpt")
 flags.DEFINE_integer("train_size", 256, "with --gpt: the training crop in pixels (sets the window)")
 flags.DEFINE_string("out", None, "output folder (default: <workdir>/samples)")
 flags.DEFINE_integer("n", 8, "samples (per class with --classes)")
@@ -65,7 +66,14 @@ def main(argv):
 
     model = load(FLAGS.workdir, gpt_dir=FLAGS.gpt, first_stage=FLAGS.first_stage or "",
                  first_stage_config=FLAGS.first_stage_config, cond_kind=FLAGS.cond_kind,
-                 cond_stage=FLAGS.cond_stage, train_size=FLAGS.train_size)
+                 cond_stage=FLAGS.cond_stage, cond_stage_config=FLAGS.cond_stage_config,
+                 train_size=FLAGS.train_size)
+    # Flags the model's kind of condition has no use for would otherwise be dropped without a word.
+    if FLAGS.classes and model.cond_kind != "class":
+        raise app.UsageError(f"--classes is for class-conditional models; this one is {model.cond_kind}-conditioned")
+    if FLAGS.cond and model.cond_kind not in ("segmentation", "depth"):
+        raise app.UsageError(f"--cond is for segmentation- or depth-conditioned models; this one is "
+                             f"{model.cond_kind}-conditioned")
     h, w = _size(model)
     f = model.vq.downsample_factor
     grid = (h // f, w // f)

@@ -13,6 +13,7 @@ def get_config(arg=None):
     c = default_config()
     c.batch_size = 64
     c.data.name = "imagenet2012"
+    c.data.label_key = "label"
     c.data.size = 256
     c.first_stage.checkpoint = "runs/imagenet_16384/export/vqgan"
     c.cond_stage.update(kind="class", n_classes=1000)

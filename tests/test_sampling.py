@@ -126,6 +126,12 @@ def test_top_k_and_top_p_keep_what_they_must():
     np.testing.assert_array_equal(jnp.isfinite(filters.top_p_filter(logits, 0.6)), [[1, 0, 1, 0, 1]])
     np.testing.assert_array_equal(jnp.isfinite(filters.top_p_filter(logits, 0.5)), [[1, 0, 0, 0, 0]])
     np.testing.assert_array_equal(jnp.isfinite(filters.top_p_filter(logits, 1.0)), [[1, 1, 1, 1, 1]])
+    # A token whose more likely tokens hold exactly p is kept (transformers drops it only above p) ...
+    cumulative = jnp.cumsum(jax.nn.softmax(jnp.sort(logits)[..., ::-1]), axis=-1)
+    np.testing.assert_array_equal(jnp.isfinite(filters.top_p_filter(logits, cumulative[0, 0])), [[1, 0, 1, 0, 1]])
+    # ... so p = 1 keeps every token, even where the float sum reaches 1 before the last one.
+    wide = jax.random.normal(jax.random.PRNGKey(0), (2, 1024)) * 6
+    assert bool(jnp.all(jnp.isfinite(filters.top_p_filter(wide, 1.0))))
 
 
 def _teacher_forced_logits(gpt, params, cond, codes):
@@ -183,11 +189,17 @@ def test_completion_keeps_the_given_codes_and_continues_greedily(taming, small_g
 
 
 def test_windowed_with_a_token_prefix_on_one_window_equals_plain_sampling(window_gpt):
+    """... and with num_codes both draw only the first stage's codes."""
     gpt, params = window_gpt
     cond = jnp.array([[5], [9]])
     grid = sample_windowed(gpt, params, cond, shape=(16, 16), rng=jax.random.PRNGKey(0), greedy=True)
     plain = sample(gpt, params, cond, steps=256, rng=jax.random.PRNGKey(0), greedy=True)
     np.testing.assert_array_equal(grid.reshape(2, -1), plain)
+    assert int(plain.max()) >= 7  # so that the restriction below has something to remove
+    grid = sample_windowed(gpt, params, cond, shape=(16, 16), rng=jax.random.PRNGKey(0), num_codes=7)
+    plain = sample(gpt, params, cond, steps=256, rng=jax.random.PRNGKey(0), num_codes=7)
+    np.testing.assert_array_equal(grid.reshape(2, -1), plain)
+    assert int(plain.max()) < 7 and len(np.unique(plain)) > 1
 
 
 def test_windowed_inpainting_keeps_the_codes_outside_the_mask(taming, window_gpt):
@@ -210,13 +222,33 @@ def test_bad_requests_are_named(small_gpt, window_gpt):
         sample(gpt, params, jnp.array([[gpt.vocab_size]]), steps=4, rng=jax.random.PRNGKey(0))
     with pytest.raises(ValueError, match="top_p"):
         sample(gpt, params, jnp.array([[3]]), steps=4, rng=jax.random.PRNGKey(0), top_p=0.0)
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        sample(gpt, params, jnp.array([[3]]), steps=4, rng=jax.random.PRNGKey(0), temperature=0.0)
+    with pytest.raises(ValueError, match="num_codes must be in"):
+        sample(gpt, params, jnp.array([[3]]), steps=4, rng=jax.random.PRNGKey(0), num_codes=gpt.vocab_size + 1)
     wgpt, wparams = window_gpt
+    with pytest.raises(ValueError, match="top_k must be >= 1"):
+        sample_windowed(wgpt, wparams, jnp.array([[3]]), shape=(16, 16), rng=jax.random.PRNGKey(0), top_k=0)
     with pytest.raises(ValueError, match="smaller than the window"):
         sample_windowed(wgpt, wparams, jnp.array([[3]]), shape=(8, 20), rng=jax.random.PRNGKey(0))
     with pytest.raises(ValueError, match="must have the sampled shape"):
         sample_windowed(wgpt, wparams, jnp.zeros((1, 16, 17), jnp.int32), shape=(16, 16), rng=jax.random.PRNGKey(0))
     with pytest.raises(ValueError, match="prefill_chunk >= 1"):
         sample_windowed(wgpt, wparams, jnp.array([[3]]), shape=(16, 16), rng=jax.random.PRNGKey(0), prefill_chunk=0)
+
+
+def test_generate_refuses_grids_below_the_window_and_given_codes_that_are_no_prefix(small_gpt):
+    from vqgan_jax.models import VQGAN
+    from vqgan_jax.sampling.generate import Net2Net, _given_prefix, generate
+
+    vq = VQGAN(ch=8, ch_mult=(1, 1), num_res_blocks=1, attn_resolutions=(), resolution=16, n_embed=16)
+    model = Net2Net(*small_gpt, vq, None, "sos", {}, train_size=16)  # window 8
+    with pytest.raises(ValueError, match=r"grid \(4, 8\) is smaller than the training window 8x8"):
+        generate(model, jnp.zeros((1, 1), jnp.int32), (4, 8), jax.random.PRNGKey(0))
+    np.testing.assert_array_equal(_given_prefix(np.array([[1, 2, -1, -1], [3, 4, -1, -1]])), [[1, 2], [3, 4]])
+    for flat in ([[1, 2, 3, 4], [1, 2, -1, -1]], [[1, -1, 2, -1]], [[1, -1, -1], [1, 2, -1]]):
+        with pytest.raises(ValueError, match="raster-order prefix"):
+            _given_prefix(np.array(flat))
 
 
 def test_sample_cli_writes_a_wider_image_than_the_training_crop(tmp_path):
@@ -249,3 +281,7 @@ def test_sample_cli_writes_a_wider_image_than_the_training_crop(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert Image.open(tmp_path / "out" / "sample_0001.png").size == (48, 16)
     assert Image.open(tmp_path / "out" / "grid.png").size == (96, 16)
+    # A flag the model's condition has no use for is refused, not ignored.
+    result = subprocess.run([sys.executable, "sample.py", "--workdir", str(tmp_path / "run"), "--classes", "1"],
+                            cwd=root, capture_output=True, text=True, timeout=600, env=dict(os.environ, PYTHONPATH=root))
+    assert result.returncode != 0 and "--classes is for class-conditional models; this one is sos" in result.stderr

@@ -144,7 +144,8 @@ def _write_cache(directory, n=10, shard_size=4, vocab=32):
         writer.add(codes[i:i + 3], cond[i:i + 3])
     writer.close()
     with open(os.path.join(directory, "meta.json"), "w") as f:
-        json.dump({"num_examples": n, "code_shape": [2, 3], "cond_length": 2, "vocab_size": vocab}, f)
+        json.dump({"num_examples": n, "code_shape": [2, 3], "cond_length": 2, "vocab_size": vocab, "cond_kind": "sos",
+                   "first_stage_codes": vocab, "cond_tokens": vocab}, f)
     return codes, cond
 
 
@@ -177,6 +178,47 @@ def test_code_cache_errors_name_the_problem(tmp_path):
     (tmp_path / "meta.json").write_text("{}")
     with pytest.raises(FileNotFoundError, match="no codes-"):
         CodeCache(str(tmp_path))
+
+
+def test_code_cache_refuses_stale_or_mismatched_caches(tmp_path):
+    from vqgan_jax.train.stages import check_code_cache
+
+    directory = tmp_path / "codes-v1"  # a directory name with the shards' prefix in it
+    _write_cache(directory, n=6)
+    cache = CodeCache(str(directory))
+    assert cache.num_examples == 6
+    with pytest.raises(ValueError, match="batch size 3 must be a positive multiple of the number of processes"):
+        next(code_eval_batches(str(directory), 3, process_index=0, process_count=2))
+
+    config = tiny_config()
+    config.data.codes = str(directory)
+    config.model.vocab_size = 32
+    check_code_cache(config, cache.meta, "codes")
+    config.cond_stage.kind = "class"
+    with pytest.raises(ValueError, match="holds 'sos' conditions, but cond_stage.kind is 'class'"):
+        check_code_cache(config, cache.meta, "codes")
+    config.cond_stage.kind = "sos"
+    config.cond_drop = 0.1  # the cache's 32 codes leave no room for the null token
+    with pytest.raises(ValueError, match="vocab_size=32 is too small"):
+        check_code_cache(config, cache.meta, "codes")
+    with pytest.raises(ValueError, match="older `vqgan_jax.data.encode`.*encode it again"):
+        check_code_cache(config, {"num_examples": 6, "vocab_size": 32}, "codes")
+
+    meta = json.loads((directory / "meta.json").read_text())
+    (directory / "meta.json").write_text(json.dumps({**meta, "num_examples": 9}))
+    with pytest.raises(ValueError, match="shards hold 6 examples, its meta.json says 9"):
+        CodeCache(str(directory))
+
+
+def test_class_conditioning_needs_a_source_of_labels():
+    from vqgan_jax.train.stages import check_config
+
+    config = tiny_config()
+    config.cond_stage.kind, config.data.path = "class", "/images"
+    with pytest.raises(ValueError, match="set data.label_key .* or data.class_folders=True"):
+        check_config(config)
+    config.data.class_folders = True
+    check_config(config)
 
 
 def test_vocabulary_check_refuses_codes_the_gpt_cannot_embed():
@@ -256,8 +298,16 @@ def test_encode_writes_the_first_stage_codes_and_training_reads_images_or_codes(
 
     root, vq, params = tiny_first_stage
     config = _image_config(root)
+    config.cond_drop, config.model.vocab_size = 0.1, 25  # 24 codes and the null token
+    # What an earlier encode into the same directory left: a shard of this host, one of a host this run lacks.
+    os.makedirs(tmp_path / "codes")
+    for name in ("000-00007", "003-00000"):
+        for prefix in ("codes", "cond"):
+            np.save(tmp_path / "codes" / f"{prefix}-{name}.npy", np.zeros((5, 8, 8) if prefix == "codes" else (5, 1)))
     meta = encode(config, str(tmp_path / "codes"), split="eval")
     assert meta["num_examples"] == 6 and meta["code_shape"] == [8, 8] and meta["cond_length"] == 1
+    assert (meta["first_stage_codes"], meta["cond_tokens"]) == (24, 1)
+    assert sorted(p.name for p in (tmp_path / "codes").glob("c*-*.npy")) == ["codes-000-00000.npy", "cond-000-00000.npy"]
     cache = CodeCache(str(tmp_path / "codes"))
     images = np.concatenate([b["image"][b["mask"]] for b in data.eval_iterator(config.data, batch_size=2)])
     expected = vq.apply({"params": params}, jnp.asarray(images), method=vq.encode)[1]

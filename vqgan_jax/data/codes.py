@@ -18,6 +18,8 @@ import os
 
 import numpy as np
 
+from vqgan_jax.data.config import local_batch_size
+
 META = "meta.json"
 
 
@@ -41,7 +43,7 @@ class CodeCache:
         self._codes = [np.load(p, mmap_mode="r") for p in code_files]
         self._cond = []
         for p in code_files:
-            cond_path = p.replace(os.sep + "codes-", os.sep + "cond-")
+            cond_path = os.path.join(directory, "cond-" + os.path.basename(p)[len("codes-"):])
             if not os.path.exists(cond_path):
                 raise FileNotFoundError(f"code cache shard {p!r} has no matching {cond_path!r}")
             self._cond.append(np.load(cond_path, mmap_mode="r"))
@@ -52,6 +54,9 @@ class CodeCache:
         self.num_examples = int(self._starts[-1])
         if self.num_examples == 0:
             raise ValueError(f"code cache {directory!r} holds no examples")
+        if self.num_examples != self.meta.get("num_examples", self.num_examples):
+            raise ValueError(f"code cache {directory!r}: its shards hold {self.num_examples} examples, its {META} "
+                             f"says {self.meta['num_examples']}; encode it again")
 
     def gather(self, indices) -> dict:
         """indices: int [n] global example numbers -> {"codes": int32 [n, h, w], "cond": int32 [n, k]}."""
@@ -71,12 +76,9 @@ class CodeBatches:
 
     def __init__(self, cache: CodeCache, global_batch_size: int, seed: int, start_step: int,
                  process_index: int, process_count: int):
-        if global_batch_size % process_count:
-            raise ValueError(f"the batch size {global_batch_size} must be a multiple of the number of "
-                             f"processes ({process_count})")
+        local = local_batch_size(global_batch_size, process_count)
         self.cache, self.global_batch_size, self.seed = cache, global_batch_size, seed
         self.step = start_step
-        local = global_batch_size // process_count
         self._rows = np.arange(process_index * local, (process_index + 1) * local)
         self._epoch, self._perm = -1, None
         self.skipped = 0  # the same attribute as the image pipeline's, for the loop's log
@@ -114,8 +116,8 @@ def code_eval_batches(directory: str, batch_size: int, *, process_index: int | N
 
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
+    local = local_batch_size(batch_size, process_count)
     cache = CodeCache(directory)
-    local = batch_size // process_count
     for start in range(0, cache.num_examples, batch_size):
         positions = start + process_index * local + np.arange(local)
         mask = positions < cache.num_examples

@@ -30,21 +30,40 @@ def _local_rows(x) -> np.ndarray:
     return np.concatenate(rows)
 
 
+def _remove_cache_files(out: str, process_index: int, process_count: int) -> None:
+    """Clears what an earlier encode into `out` left (a finished cache being overwritten, or the shards of a
+    killed run), so that no old shard is read with the new ones: the meta data first, so that the
+    directory never looks complete meanwhile; each host its own shards, the first host also those of hosts
+    the earlier run had and this one lacks."""
+    if not os.path.isdir(out):
+        return
+    if process_index == 0 and os.path.exists(os.path.join(out, META)):
+        os.remove(os.path.join(out, META))
+    for name in os.listdir(out):
+        prefix, _, rest = name.lstrip(".").partition("-")
+        host = rest.split("-")[0]
+        if prefix in ("codes", "cond") and host.isdigit() and (
+                int(host) == process_index or (process_index == 0 and int(host) >= process_count)):
+            os.remove(os.path.join(out, name))
+
+
 def encode(config, out: str, split: str = "train", passes: float = 1.0, overwrite: bool = False) -> dict:
     """Writes the cache to `out` and returns its meta data."""
     from vqgan_jax import data
     from vqgan_jax.train.loop import initialize_distributed
     from vqgan_jax.train.sharding import batch_sharding, make_mesh, replicated
-    from vqgan_jax.train.stages import load_stages
+    from vqgan_jax.train.stages import check_config, load_stages, token_counts
     from vqgan_jax.train.transformer import batch_tokens
 
     if split not in ("train", "eval"):
         raise ValueError(f"--split must be 'train' or 'eval', got {split!r}")
     if os.path.exists(os.path.join(out, META)) and not overwrite:
         raise FileExistsError(f"{out!r} already holds a code cache; pass --overwrite to replace it")
+    check_config(config)
     initialize_distributed(config)
     mesh = make_mesh([("data", -1)])
     stage_models, stage_params = load_stages(config)
+    _remove_cache_files(out, jax.process_index(), jax.process_count())  # only once the stages load
     stage_params = jax.device_put(stage_params, replicated(mesh))
     encode_batch = jax.jit(lambda batch, params: batch_tokens(config, batch, stage_models, params),
                            in_shardings=(batch_sharding(mesh), replicated(mesh)),
@@ -74,6 +93,7 @@ def encode(config, out: str, split: str = "train", passes: float = 1.0, overwrit
         counts = multihost_utils.process_allgather(counts)
     meta = {"num_examples": int(np.sum(counts)), "code_shape": list(shapes[0]), "cond_length": shapes[1],
             "vocab_size": config.model.vocab_size, "cond_kind": config.cond_stage.kind, "split": split,
+            **dict(zip(("first_stage_codes", "cond_tokens"), token_counts(config, *stage_models))),
             "passes": passes if split == "train" else 1,
             "first_stage": config.first_stage.checkpoint, "cond_stage": config.cond_stage.checkpoint,
             "data": config.data.to_dict()}

@@ -27,18 +27,41 @@ def top_k_filter(logits, k: int):
 
 
 def top_p_filter(logits, p):
-    """Nucleus filter: keeps the most likely tokens until their probability reaches p (always at least
-    the most likely one, and every token tied with the last one kept)."""
+    """Nucleus filter: keeps each token whose more likely tokens hold at most p of the probability (always
+    the most likely one, and every token tied with the last one kept), as transformers' TopPLogitsWarper
+    that the original calls: it drops a token once the cumulative probability before it exceeds p.
+    p: float, traced or not."""
     ordered = jnp.sort(logits, axis=-1)[..., ::-1]
     probs = jax.nn.softmax(ordered, axis=-1)
-    before = jnp.cumsum(probs, axis=-1) - probs  # probability mass ahead of each token
-    cutoff = jnp.min(jnp.where(before < p, ordered, jnp.inf), axis=-1, keepdims=True)
-    return jnp.where(logits < cutoff, -jnp.inf, logits)
+    # Probability mass ahead of each token, as the warper shifts it: the cumulative sum one place later.
+    cumulative = jnp.cumsum(probs, axis=-1)
+    before = jnp.concatenate([jnp.zeros_like(cumulative[..., :1]), cumulative[..., :-1]], axis=-1)
+    cutoff = jnp.min(jnp.where(before <= p, ordered, jnp.inf), axis=-1, keepdims=True)
+    # p = 1 keeps everything: the float32 sum can pass 1 before the last tokens, and the warper would then
+    # drop tokens that p = 1 asks to keep.
+    return jnp.where((logits < cutoff) & (p < 1), -jnp.inf, logits)
 
 
-def filter_logits(logits, temperature=1.0, top_k: int | None = None, top_p=None):
-    """temperature, then top-k, then top-p on what is left (the order of the original's sample_fast)."""
-    logits = logits.astype(jnp.float32) / temperature
+def check_filters(temperature, top_k: int | None, top_p, num_codes: int | None, vocab_size: int) -> None:
+    """ValueError naming the argument, for values that would mask every token or divide by zero."""
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if top_k is not None and not 1 <= top_k:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if num_codes is not None and not 1 <= num_codes <= vocab_size:
+        raise ValueError(f"num_codes must be in [1, vocab_size={vocab_size}], got {num_codes}")
+
+
+def filter_logits(logits, temperature=1.0, top_k: int | None = None, top_p=None, num_codes: int | None = None):
+    """Only tokens below num_codes (when given), then temperature, top-k and top-p on what is left (the
+    order of the original's sample_fast). num_codes: the first stage's codebook size, where the GPT's
+    vocabulary also holds condition tokens or cond_drop's null token that the first stage cannot decode."""
+    logits = logits.astype(jnp.float32)
+    if num_codes is not None and num_codes < logits.shape[-1]:
+        logits = jnp.where(jnp.arange(logits.shape[-1]) < num_codes, logits, -jnp.inf)
+    logits = logits / temperature
     if top_k is not None:
         logits = top_k_filter(logits, top_k)
     if top_p is not None:

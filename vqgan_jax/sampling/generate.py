@@ -96,29 +96,48 @@ def condition(model: Net2Net, batch: int, grid: tuple[int, int], *, classes=None
     return jnp.tile(codes, (batch, 1, 1))
 
 
+def _given_prefix(flat):
+    """flat: int [B, n] codes, -1 where to be drawn -> the given prefix [B, m]: every row must give the same
+    first m codes in raster order and leave the rest to be drawn (`sample` completes a prefix; other
+    masks need the sliding window's init/mask)."""
+    missing = flat < 0
+    m = int(np.argmax(missing[0])) if missing[0].any() else flat.shape[1]
+    if missing[:, :m].any() or not missing[:, m:].all():
+        raise ValueError("given codes must be a raster-order prefix, the same length in every row: codes, then -1 "
+                         "from one position to the end")
+    return flat[:, :m]
+
+
 def generate(model: Net2Net, cond, grid: tuple[int, int], rng, *, given=None, progress: Callable | None = None,
              **sampling) -> jax.Array:
     """Samples codes [B, h, w] for `cond` and decodes them -> images [B, h*f, w*f, 3] in [-1, 1].
 
-    A grid of at most the training window whose sequence fits the block is drawn in one pass (`sample`);
-    a larger one with the sliding window. given: optional int [B, h, w] codes whose first rows (those
+    A grid of the training window's size with token conditions (sos, class) is drawn in one pass
+    (`sample`); a larger one, or one with a grid condition, with the sliding window; a smaller one is refused.
+    Only the first stage's codes are drawn (`num_codes`). given: optional int [B, h, w] codes whose first rows (those
     above the first -1) are kept: image completion."""
     h, w = grid
     b = cond.shape[0]
     window = model.window
-    plain = cond.ndim == 2 and h <= window and w <= window and cond.shape[1] + h * w - 1 <= model.gpt.block_size
+    if h < window or w < window:
+        # The GPT's positions are raster positions of a window-wide grid: a narrower grid would give
+        # them other places in the image.
+        raise ValueError(f"the code grid {grid} is smaller than the training window {window}x{window}: sample "
+                         f"at least the training size")
+    sampling.setdefault("num_codes", model.vq.n_embed)
+    plain = cond.ndim == 2 and (h, w) == (window, window) and cond.shape[1] + h * w - 1 <= model.gpt.block_size
     if plain:
         keep = None
         if given is not None:
-            flat = np.asarray(given).reshape(b, -1)
-            keep = int(np.argmax(np.all(flat < 0, axis=0))) if np.any(flat < 0) else flat.shape[1]
-            keep = jnp.asarray(flat[:, :keep])
+            keep = jnp.asarray(_given_prefix(np.asarray(given).reshape(b, -1)))
         codes = sample(model.gpt, model.gpt_params, cond, steps=h * w, rng=rng, given=keep, **sampling)
         codes = codes.reshape(b, h, w)
     else:
         if sampling.pop("cfg_scale", 1.0) != 1.0:
-            raise ValueError("classifier-free guidance is available for grids sampled in one pass (no larger "
-                             "than the training window), not with the sliding window")
+            reason = (f"a {model.cond_kind} condition is sampled with the sliding window" if cond.ndim == 3 else
+                      f"the grid {grid} is sampled with the sliding window")
+            raise ValueError(f"classifier-free guidance needs token conditions (sos, class) at the training "
+                             f"window's size, sampled in one pass; {reason}")
         init = mask = None
         if given is not None:
             given = np.asarray(given)

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 from vqgan_jax.models.checks import check_codes
 from vqgan_jax.sampling.cache import empty_cache, forward, grow, shortened
-from vqgan_jax.sampling.filters import draw, filter_logits
+from vqgan_jax.sampling.filters import check_filters, draw, filter_logits
 from vqgan_jax.sampling.step import prepare, step
 from vqgan_jax.xla_flags import decode_compiler_options
 
@@ -41,7 +41,7 @@ def segment_lengths(prefix: int, total: int, segments: int = SEGMENTS) -> list[i
 
 
 def _sample(gpt, params, cond, given, rng, temperature, top_p, cfg_scale, *, steps, top_k, use_top_p, greedy,
-            guided):
+            guided, num_codes):
     b, n_cond, m = cond.shape[0], cond.shape[1], given.shape[1]
     out = jnp.zeros((b, steps), jnp.int32).at[:, :m].set(given)
     if m == steps:
@@ -56,7 +56,7 @@ def _sample(gpt, params, cond, given, rng, temperature, top_p, cfg_scale, *, ste
 
     def pick(t, last):
         last = guide(last, cfg_scale) if guided else last
-        last = filter_logits(last, temperature, top_k, top_p if use_top_p else None)
+        last = filter_logits(last, temperature, top_k, top_p if use_top_p else None, num_codes)
         return draw(jax.random.fold_in(rng, t), last, greedy)
 
     weights = prepare(gpt, params)
@@ -77,12 +77,13 @@ def _sample(gpt, params, cond, given, rng, temperature, top_p, cfg_scale, *, ste
     return out.at[:, steps - 1].set(pick(steps - 1, last))
 
 
-_sample = jax.jit(_sample, static_argnames=("gpt", "steps", "top_k", "use_top_p", "greedy", "guided"),
+_sample = jax.jit(_sample, static_argnames=("gpt", "steps", "top_k", "use_top_p", "greedy", "guided", "num_codes"),
                   compiler_options=decode_compiler_options())
 
 
 def sample(gpt, params, cond, steps: int, rng, temperature: float = 1.0, top_k: int | None = None,
-           top_p: float | None = None, greedy: bool = False, given=None, cfg_scale: float = 1.0):
+           top_p: float | None = None, greedy: bool = False, given=None, cfg_scale: float = 1.0,
+           num_codes: int | None = None):
     """Draws `steps` codes after the condition, with the GPT's KV cache, in one jitted program.
 
     gpt: the GPT module (decoding mode is switched on here); params its parameters.
@@ -92,6 +93,8 @@ def sample(gpt, params, cond, steps: int, rng, temperature: float = 1.0, top_k: 
     temperature, top_k (keep the k most likely), top_p (nucleus; usable with or without top_k), greedy
       (argmax; the filters then change nothing). cfg_scale != 1: classifier-free guidance against the
       null condition, for models trained with cond_drop (the batch runs twice).
+    num_codes: draw only codes [0, num_codes), the first stage's codebook, where the vocabulary is larger
+      (condition tokens, cond_drop's null token); None: the whole vocabulary, as the original.
     -> int32 [B, steps] codes in raster order (reshape to the code grid, decode with the VQGAN).
     """
     cond = jnp.asarray(cond)
@@ -106,10 +109,8 @@ def sample(gpt, params, cond, steps: int, rng, temperature: float = 1.0, top_k: 
     if cond.shape[1] + steps - 1 > gpt.block_size:
         raise ValueError(f"{cond.shape[1]} condition tokens + {steps} codes exceed block_size={gpt.block_size}; "
                          f"sample larger grids with sample_windowed")
-    if top_k is not None and not 1 <= top_k:
-        raise ValueError(f"top_k must be >= 1, got {top_k}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    check_filters(temperature, top_k, top_p, num_codes, gpt.vocab_size)
     return _sample(gpt, params, cond.astype(jnp.int32), given.astype(jnp.int32), rng,
                    jnp.float32(temperature), jnp.float32(top_p or 1.0), jnp.float32(cfg_scale), steps=steps,
-                   top_k=top_k, use_top_p=top_p is not None, greedy=greedy, guided=cfg_scale != 1.0)
+                   top_k=top_k, use_top_p=top_p is not None, greedy=greedy, guided=cfg_scale != 1.0,
+                   num_codes=num_codes)

@@ -28,7 +28,7 @@ import numpy as np
 
 from vqgan_jax.models.checks import check_codes
 from vqgan_jax.sampling.cache import decoder, empty_cache, forward, install, set_length, shortened
-from vqgan_jax.sampling.filters import draw, filter_logits
+from vqgan_jax.sampling.filters import check_filters, draw, filter_logits
 from vqgan_jax.sampling.step import prepare, step
 from vqgan_jax.xla_flags import decode_compiler_options
 
@@ -62,9 +62,9 @@ def chunk_sizes(window: int, prefill_chunk: int) -> tuple[int, ...]:
 
 
 @partial(jax.jit, static_argnames=("gpt", "shape", "window", "top_k", "use_top_p", "greedy", "grid_cond",
-                                   "prefill_chunk"), compiler_options=decode_compiler_options())
+                                   "prefill_chunk", "num_codes"), compiler_options=decode_compiler_options())
 def _sample_windowed(gpt, params, cond, init, mask, rng, temperature, top_p, *, shape, window, top_k,
-                     use_top_p, greedy, grid_cond, prefill_chunk):
+                     use_top_p, greedy, grid_cond, prefill_chunk, num_codes):
     dec = decoder(gpt)
     h, w = shape
     b = init.shape[0]
@@ -122,8 +122,8 @@ def _sample_windowed(gpt, params, cond, init, mask, rng, temperature, top_p, *, 
         # The column's cache holds its codes [0, lengths[col0]); the rest up to p were drawn since.
         cache = set_length(column(caches, col0), n + lengths[col0])
         cache, logits = catch_up(cache, band_logits[col0], window_codes, lengths[col0], p)
-        token = draw(jax.random.fold_in(rng, i * w + j), filter_logits(logits, temperature, top_k,
-                                                                      top_p if use_top_p else None), greedy)
+        logits = filter_logits(logits, temperature, top_k, top_p if use_top_p else None, num_codes)
+        token = draw(jax.random.fold_in(rng, i * w + j), logits, greedy)
         token = jnp.where(mask[:, i, j], token, grid[:, i, j])
         return grid.at[:, i, j].set(token), store(caches, col0, cache), lengths.at[col0].set(p), band_logits
 
@@ -147,7 +147,7 @@ def _sample_windowed(gpt, params, cond, init, mask, rng, temperature, top_p, *, 
 
 def sample_windowed(gpt, params, cond, shape, rng, window: int = 16, temperature: float = 1.0,
                     top_k: int | None = None, top_p: float | None = None, greedy: bool = False, init=None,
-                    mask=None, prefill_chunk: int = 128):
+                    mask=None, prefill_chunk: int = 128, num_codes: int | None = None):
     """Samples an H x W code grid with a sliding window x window attention window, in one jitted program.
 
     cond: int [B, H, W] conditioning codes (segmentation, depth: cropped with the window and placed before
@@ -155,7 +155,7 @@ def sample_windowed(gpt, params, cond, shape, rng, window: int = 16, temperature
       every window (class label, SOS).
     shape: (H, W), each >= window. init / mask: optional int [B, H, W] codes and bool [B, H, W]: only the
       codes where mask is True are drawn, the others are kept from init (in- and out-painting).
-    temperature, top_k, top_p, greedy: as `sample`.
+    temperature, top_k, top_p, greedy, num_codes: as `sample`.
     prefill_chunk: the largest number of tokens per forward call when a window column catches up on the
       codes drawn since it was last used (a speed knob only: the samples are the same).
     Memory: one block_size KV cache per distinct window column (W - window + 1 of them) and batch row.
@@ -171,6 +171,7 @@ def sample_windowed(gpt, params, cond, shape, rng, window: int = 16, temperature
         raise ValueError(f"cond must be int [B, H, W] (a grid) or [B, n] (n >= 1 tokens), got {tuple(cond.shape)}")
     if prefill_chunk < 1 or window < 2:
         raise ValueError(f"need prefill_chunk >= 1 and window >= 2, got {prefill_chunk} and {window}")
+    check_filters(temperature, top_k, top_p, num_codes, gpt.vocab_size)
     if h < window or w < window:
         raise ValueError(f"the grid {shape} is smaller than the window {window}: use sample")
     n = window * window if grid_cond else cond.shape[1]
@@ -185,4 +186,4 @@ def sample_windowed(gpt, params, cond, shape, rng, window: int = 16, temperature
     return _sample_windowed(gpt, params, cond.astype(jnp.int32), init.astype(jnp.int32), mask, rng,
                             jnp.float32(temperature), jnp.float32(top_p or 1.0), shape=shape, window=window,
                             top_k=top_k, use_top_p=top_p is not None, greedy=greedy, grid_cond=grid_cond,
-                            prefill_chunk=int(prefill_chunk))
+                            prefill_chunk=int(prefill_chunk), num_codes=num_codes)

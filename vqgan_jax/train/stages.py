@@ -41,7 +41,7 @@ def load_stages(config):
     cond_vq = cond_params = None
     if config.cond_stage.kind in VQ_COND_KINDS:
         cond_vq, cond_params = load_vqgan(config.cond_stage.checkpoint, config.cond_stage.config, "cond_stage")
-    check_vocabulary(config, vq, cond_vq)
+    check_vocabulary(config, *token_counts(config, vq, cond_vq))
     on_device = lambda tree: None if tree is None else jax.tree.map(jnp.asarray, tree)  # noqa: E731
     return (vq, cond_vq), (on_device(params), on_device(cond_params))
 
@@ -56,23 +56,43 @@ def check_config(config) -> None:
     if kind == "coord" and config.data.flip:
         raise ValueError("coord conditioning with data.flip=True: the positions would not follow the mirrored "
                          "image; set data.flip=False (the original's FacesHQ does not flip)")
+    if kind == "class" and not config.data.codes and not (config.data.label_key or config.data.class_folders):
+        raise ValueError("class conditioning reads each example's class: set data.label_key (a TFDS feature, "
+                         "'label' for imagenet2012) or data.class_folders=True (or train on a code cache)")
     if kind == "segmentation" and not config.data.codes and not config.data.segmentation_path:
         raise ValueError("segmentation conditioning reads label maps: set data.segmentation_path (or train on "
                          "a code cache with data.codes)")
 
 
-def check_vocabulary(config, first_vq=None, cond_vq=None, n_first=None, n_cond=None) -> None:
+def token_counts(config, first_vq, cond_vq=None) -> tuple[int, int]:
+    """-> (codes of the first stage, condition tokens): the vocabulary the GPT's inputs draw from, before
+    cond_drop's null token."""
+    kind = config.cond_stage.kind
+    # coord tokens are round(n_embed * position) with position < 1: at most n_embed - 1 in practice.
+    n_cond = {"sos": config.cond_stage.sos_token + 1, "coord": config.cond_stage.n_embed,
+              "class": config.cond_stage.n_classes}.get(kind, cond_vq.n_embed if cond_vq is not None else 0)
+    return first_vq.n_embed, n_cond
+
+
+def check_vocabulary(config, n_first: int, n_cond: int) -> None:
     """The GPT's vocabulary must hold every image code and condition token, plus the null token when
     conditions are dropped: a token outside it would be silently clamped by the embedding lookup."""
     vocab = config.model.vocab_size
-    n_first = n_first if n_first is not None else first_vq.n_embed
-    kind = config.cond_stage.kind
-    if n_cond is None:
-        # coord tokens are round(n_embed * position) with position < 1: at most n_embed - 1 in practice.
-        n_cond = {"sos": config.cond_stage.sos_token + 1, "coord": config.cond_stage.n_embed,
-                  "class": config.cond_stage.n_classes}.get(kind, cond_vq.n_embed if cond_vq is not None else 0)
     needed = max(n_first, n_cond) + (1 if config.cond_drop > 0 else 0)
     if vocab < needed:
         reason = " (+1 for the null token of cond_drop)" if config.cond_drop > 0 else ""
         raise ValueError(f"model.vocab_size={vocab} is too small: codes and condition tokens need {needed}"
                          f"{reason}; first stage has {n_first} codes, the condition {n_cond} tokens")
+
+
+def check_code_cache(config, meta: dict, field: str) -> None:
+    """A code cache (`meta`: its meta.json, read from data.`field`) must have been encoded with this config's
+    kind of condition and hold only tokens the GPT's vocabulary covers."""
+    path = config.data[field]
+    if "first_stage_codes" not in meta:
+        raise ValueError(f"data.{field}={path!r} was written by an older `vqgan_jax.data.encode` that did not "
+                         f"record its token counts; encode it again")
+    if meta.get("cond_kind", config.cond_stage.kind) != config.cond_stage.kind:
+        raise ValueError(f"data.{field}={path!r} holds {meta['cond_kind']!r} conditions, but cond_stage.kind is "
+                         f"{config.cond_stage.kind!r}")
+    check_vocabulary(config, meta["first_stage_codes"], meta["cond_tokens"])

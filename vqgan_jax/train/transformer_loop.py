@@ -19,7 +19,7 @@ from vqgan_jax.train.checkpoint import Checkpointer, abstract_with_shardings
 from vqgan_jax.train.logging import MetricWriter, Progress
 from vqgan_jax.train.loop import _StopRequest, initialize_distributed
 from vqgan_jax.train.sharding import batch_sharding, make_mesh, replicated
-from vqgan_jax.train.stages import check_config, check_vocabulary, load_stages, load_vqgan
+from vqgan_jax.train.stages import check_code_cache, check_config, load_stages, load_vqgan
 from vqgan_jax.train.transformer import (build_gpt, create_state, jit_train_step, make_eval_step, optimizer,
                                          state_shapes)
 
@@ -30,8 +30,14 @@ def _stages(config, mesh):
     if config.data.codes:
         from vqgan_jax.data.codes import CodeCache
 
-        meta = CodeCache(config.data.codes).meta
-        check_vocabulary(config, n_first=meta["vocab_size"], n_cond=0)
+        metas = {field: CodeCache(config.data[field]).meta for field in ("codes", "eval_codes") if config.data[field]}
+        for field, meta in metas.items():
+            check_code_cache(config, meta, field)
+        if "eval_codes" in metas and any(metas["codes"][k] != metas["eval_codes"][k]
+                                         for k in ("code_shape", "cond_length")):
+            raise ValueError(f"data.codes and data.eval_codes hold sequences of different shapes: code grids "
+                             f"{metas['codes']['code_shape']} and {metas['eval_codes']['code_shape']}, conditions "
+                             f"of {metas['codes']['cond_length']} and {metas['eval_codes']['cond_length']} tokens")
         return None, None
     models, params = load_stages(config)
     return models, jax.device_put(params, replicated(mesh))
@@ -105,8 +111,8 @@ def sample_grid(config, gpt, params, batch, stages, first, rng):
 
     rows = jax.tree.map(lambda a: a[:config.sample_n], batch)
     codes, cond = batch_tokens(config, rows, *stages)
-    drawn = sample(gpt, params, cond, steps=codes.shape[1], rng=rng, top_k=100)
     vq, vq_params = first
+    drawn = sample(gpt, params, cond, steps=codes.shape[1], rng=rng, top_k=100, num_codes=vq.n_embed)
     side = int(round(codes.shape[1] ** 0.5))
     return vq.apply({"params": vq_params}, drawn.reshape(-1, side, side), method=vq.decode_indices)
 
