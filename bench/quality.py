@@ -113,7 +113,7 @@ def run_quality(workload: dict, variant: str, data_dir: str, n_train: int, steps
         batches.close()
         train_metrics = jax.device_get(metrics)
 
-        result = reconstruction_metrics(models, config, state.gen_params, lpips_params)
+        result = reconstruction_metrics(models, config, state.gen_params, lpips_params, mesh)
     return {
         "variant": variant, "overrides": dict(overrides), "steps": steps, "batch": batch, "seed": seed,
         **{k: result[k] for k in ("psnr", "lpips", "l1", "codes_used", "perplexity", "num_images")},

@@ -195,6 +195,7 @@ def test_train_step_ema_codebook_and_fixed_gan_weight():
     mesh = make_mesh(c.mesh)
     models = build_models(c)
     state, shardings = create_state(models, c, mesh, jax.random.PRNGKey(0))
+    state = state.replace(step=state.step + 5)  # a step the discriminator's Adam has not counted
     x = jax.random.uniform(jax.random.PRNGKey(1), (c.batch_size, 16, 16, 3), minval=-1, maxval=1)
     before = jax.device_get(state)
     q = models.vq.apply({"params": before.gen_params}, x, train=True)[1]
@@ -210,6 +211,10 @@ def test_train_step_ema_codebook_and_fixed_gan_weight():
     assert float(metrics["d_weight"]) == pytest.approx(c.loss.disc_weight)
     assert np.all(np.asarray(after.lecam) != 0)
     assert int(metrics["codes_used_window"]) == int(np.count_nonzero(counts))
+    # The discriminator's optimiser counts from the global step, as the original's (see steps.py).
+    counts = [int(x) for p, x in jax.tree_util.tree_flatten_with_path(after.disc_opt_state)[0]
+              if getattr(p[-1], "name", None) == "count"]
+    assert counts and set(counts) == {6}
 
 
 @pytest.mark.slow  # 1.5-2.5 min on 2 CPU cores with a cold compile cache: CI's slow step

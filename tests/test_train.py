@@ -59,6 +59,39 @@ def test_step_on_four_devices_equals_one_device(tmp_path):
     assert compared > 0.95 * total  # nearly every parameter is held to 1e-5
 
 
+def test_discriminator_adam_counts_from_the_global_step():
+    """The original steps the discriminator's Adam on every batch, with zero gradients before disc_start;
+    its first real update at step s is therefore bias-corrected as update s + 1 (torch.optim.Adam's formula
+    below), not as a fresh Adam's first, which would move each weight by lr * sign(gradient)."""
+    import jax.numpy as jnp
+
+    from vqgan_jax.train.config import default_config
+    from vqgan_jax.train.state import optimizer, with_count
+
+    c = default_config()
+    c.batch_size = 1
+    lr, g = c.optim.base_learning_rate, np.array([0.3, -2.0, 5.0], np.float32)
+    tx, params = optimizer(c), {"w": jnp.zeros(3)}
+    updates, _ = tx.update({"w": jnp.asarray(g)}, with_count(tx.init(params), jnp.int32(100)), params)
+    t = 101  # torch's step counter at this update: 100 earlier zero-gradient steps
+    m, v = 0.5 * g / (1 - 0.5 ** t), 0.1 * g * g / (1 - 0.9 ** t)
+    np.testing.assert_allclose(updates["w"], -lr * m / (np.sqrt(v) + 1e-8), rtol=1e-5)
+    assert np.all(np.abs(updates["w"]) > 1.5 * lr)  # 0.5 / sqrt(0.1) = 1.58 lr; a fresh Adam's first step is lr
+
+
+def test_checkpoint_after_an_error_only_of_an_intact_state(tmp_path):
+    import jax.numpy as jnp
+
+    from vqgan_jax.train.checkpoint import Checkpointer
+
+    checkpointer = Checkpointer(str(tmp_path))
+    assert checkpointer.save_after_error({"w": jnp.ones(3)}, 3) and checkpointer.latest_step() == 3
+    donated = jnp.ones(3)
+    donated.delete()  # what a step that failed after taking the state leaves
+    assert not checkpointer.save_after_error({"w": donated}, 4) and checkpointer.latest_step() == 3
+    checkpointer.close()
+
+
 def _images(folder, n=12, size=40):
     os.makedirs(folder, exist_ok=True)
     rng = np.random.default_rng(0)

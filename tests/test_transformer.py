@@ -260,6 +260,29 @@ def test_training_from_a_code_cache_learns_and_resumes_exactly(tmp_path):
     assert os.path.exists(tmp_path / "a" / "export" / "gpt" / "config.json")
 
 
+def test_a_loop_stopped_by_a_data_error_keeps_its_last_step(tmp_path, monkeypatch):
+    from vqgan_jax.train import run, transformer_loop
+    from vqgan_jax.train.checkpoint import Checkpointer
+
+    _write_cache(tmp_path / "cache", n=16)
+    batches = transformer_loop._train_batches
+
+    def failing(config, start):
+        source = batches(config, start)
+        for _ in range(2):
+            yield next(source)
+        raise OSError("the data went away")
+
+    monkeypatch.setattr(transformer_loop, "_train_batches", failing)
+    config = _loop_config(tmp_path / "cache", 6)
+    config.checkpoint_every = 100
+    with pytest.raises(OSError, match="the data went away"):
+        run(config, str(tmp_path / "run"))
+    checkpointer = Checkpointer(str(tmp_path / "run"))
+    assert checkpointer.latest_step() == 2  # both completed steps kept, none of the periodic saves ran
+    checkpointer.close()
+
+
 @pytest.fixture(scope="module")
 def tiny_first_stage(tmp_path_factory):
     """A random tiny VQGAN saved as training exports it, and a folder of 6 images."""

@@ -27,6 +27,20 @@ class Checkpointer:
                                                         meta=ocp.args.JsonSave({"step": int(step)})))
         self.manager.wait_until_finished()
 
+    def save_after_error(self, state, step: int) -> bool:
+        """After an exception in a single-process loop: saves the last completed step unless its buffers
+        went to the step that failed (donated), and swallows errors of its own so that the loop's error is
+        the one raised. -> whether it saved. With several processes it does nothing: a save is collective,
+        and the others are not there to join it."""
+        leaves = [x for x in jax.tree.leaves(state) if isinstance(x, jax.Array)]
+        if jax.process_count() > 1 or any(x.is_deleted() for x in leaves):
+            return False
+        try:
+            self.save(state, step)
+        except Exception:  # noqa: BLE001 -- the loop re-raises its own error
+            return False
+        return True
+
     def restore(self, abstract_state, step: int | None = None):
         """abstract_state: ShapeDtypeStructs carrying the target shardings -> (state, meta)."""
         step = self.latest_step() if step is None else step

@@ -45,7 +45,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.codebook = ml_collections.ConfigDict(dict(
         ema=False, ema_decay=0.99, ema_eps=1e-5, restart_dead=0, usage_window=50))
 
-    # The original's VQLPIPSWithDiscriminator arguments.
+    # The original's VQLPIPSWithDiscriminator arguments. pixelloss_weight scales the L1/L2 term here; the
+    # original stores it and never uses it (no released config sets it to anything but 1).
     c.loss = ml_collections.ConfigDict(dict(
         disc_start=250001, disc_weight=0.8, disc_factor=1.0, codebook_weight=1.0, pixelloss_weight=1.0,
         perceptual_weight=1.0, disc_loss="hinge", disc_num_layers=3, disc_ndf=64, pixel_loss="l1",

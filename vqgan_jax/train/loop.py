@@ -41,6 +41,24 @@ def initialize_distributed(config) -> None:
                                    num_processes=d.num_processes, process_id=d.process_id)
 
 
+def run_step(step_fn, state, args, timed: bool):
+    """-> (state, metrics, seconds): with `timed`, the step's own time (the previous step is waited for
+    first and this one after: dispatch is asynchronous, so the time around the call alone is the time to
+    queue it), else None. Only log steps are timed, as each wait drains the queue of dispatched steps."""
+    if timed:
+        jax.block_until_ready(state)
+    t0 = time.perf_counter()
+    state, metrics = step_fn(state, *args)
+    if timed:
+        jax.block_until_ready(metrics)
+    return state, metrics, time.perf_counter() - t0 if timed else None
+
+
+def log_step(step: int, config) -> bool:
+    """Whether the step that ends at `step` (1-based count) is logged."""
+    return step % config.log_every == 0 or step == config.total_steps
+
+
 class _StopRequest:
     """Turns SIGTERM/SIGINT into a flag the loop reads at step boundaries, so it saves before leaving."""
 
@@ -116,12 +134,12 @@ def run(config, workdir: str):
     try:
         while step < config.total_steps:
             batch = next(batches)
-            t0 = time.perf_counter()
-            state, metrics = train_step(step)(state, batch, lpips_params)
+            timed = log_step(step + 1, config)
+            state, metrics, seconds = run_step(train_step(step), state, (batch, lpips_params), timed)
             step += 1
             progress.update(step)
-            if step % config.log_every == 0 or step == config.total_steps:
-                writer.write_step(step, metrics, time.perf_counter() - t0, progress, source)
+            if timed:
+                writer.write_step(step, metrics, seconds, progress, source)
             if config.image_every and (step % config.image_every == 0 or step == config.total_steps):
                 pairs = reconstruct(state.gen_params, batch)
                 writer.write_images(step, "reconstructions", np.asarray(jax.device_get(pairs)))
@@ -134,6 +152,9 @@ def run(config, workdir: str):
             params = state.ema_params if state.ema_params is not None else state.gen_params
             params = jax.device_get(gather(params))
             save_pretrained(os.path.join(workdir, "export", "vqgan"), models.vq, {"params": params})
+    except Exception:
+        checkpointer.save_after_error(state, step)
+        raise
     finally:
         stop.restore()
         batches.close()
@@ -142,16 +163,21 @@ def run(config, workdir: str):
     return state
 
 
-def reconstruction_metrics(models, config, params, lpips_params, split: str | None = None) -> dict:
+def reconstruction_metrics(models, config, params, lpips_params, mesh, split: str | None = None) -> dict:
     """EvalAccumulator's result for the generator `params` over the evaluation split (the first
-    `config.eval_batches` batches when set)."""
-    step_fn = jax.jit(make_eval_step(models))
+    `config.eval_batches` batches when set). Each host reads its own rows; the batch is put together over
+    `mesh` and every host gets every row's metrics back."""
+    eval_step = make_eval_step(models)
+    step_fn = jax.jit(lambda p, batch, lp: (*eval_step(p, batch["image"], lp), batch["mask"]),
+                      in_shardings=(None, batch_sharding(mesh), replicated(mesh)), out_shardings=replicated(mesh))
     acc = EvalAccumulator()
     for i, batch in enumerate(data.eval_iterator(config.data, batch_size=config.batch_size, split=split)):
         if config.eval_batches and i >= config.eval_batches:
             break
-        per_image, idx = jax.device_get(step_fn(params, jnp.asarray(batch["image"]), lpips_params))
-        acc.update(idx, mask=batch.get("mask"), **per_image)
+        rows = {"image": batch["image"], "mask": batch.get("mask", np.ones(len(batch["image"]), bool))}
+        per_image, idx, mask = jax.device_get(step_fn(params, data.to_global(rows, batch_sharding(mesh)),
+                                                      lpips_params))
+        acc.update(idx, mask=mask, **per_image)
     return acc.result(config.model.n_embed)
 
 
@@ -167,7 +193,7 @@ def evaluate(config, workdir: str, split: str | None = None) -> dict:
     mesh, models, lpips_params, _, checkpointer, state = _setup(config, workdir)
     checkpointer.close()
     params = state.ema_params if state.ema_params is not None else state.gen_params
-    result = dict(reconstruction_metrics(models, config, params, lpips_params, split), step=int(state.step))
+    result = dict(reconstruction_metrics(models, config, params, lpips_params, mesh, split), step=int(state.step))
     if jax.process_index() == 0:
         with open(os.path.join(workdir, f"eval_{int(state.step)}.json"), "w") as f:
             json.dump(result, f, indent=2)

@@ -63,6 +63,13 @@ def optimizer(config, frozen_codebook: bool = False) -> optax.GradientTransforma
     return tx
 
 
+def with_count(opt_state, step):
+    """opt_state with every step counter in it (Adam's bias corrections, a schedule's position) set to
+    `step`, an int32 scalar."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: jnp.asarray(step, x.dtype) if getattr(path[-1], "name", None) == "count" else x, opt_state)
+
+
 def build_models(config) -> Models:
     from vqgan_jax.models import LPIPS
 

@@ -16,7 +16,7 @@ import optax
 from vqgan_jax import losses
 from vqgan_jax.metrics import lpips_distance, psnr
 from vqgan_jax.train import codebook
-from vqgan_jax.train.state import Models, TrainState, learning_rate
+from vqgan_jax.train.state import Models, TrainState, learning_rate, with_count
 
 
 def phase(step: int, loss_config) -> tuple[bool, bool]:
@@ -93,13 +93,14 @@ def make_train_step(models: Models, config, gan_in_generator: bool, train_disc: 
 
         metrics = {
             "total_loss": nll + d_weight * factor * g_loss + lc.codebook_weight * q_loss,
-            "nll_loss": nll, "rec_loss": losses.pixel_loss(x, x_rec, lc.pixel_loss), "p_loss": p_loss,
+            # rec_loss as the original logs it: pixel + perceptual terms (nll_loss too, while logvar is 0).
+            "nll_loss": nll, "rec_loss": nll, "pixel_loss": losses.pixel_loss(x, x_rec, lc.pixel_loss), "p_loss": p_loss,
             "quant_loss": q_loss, "g_loss": g_loss, "d_weight": d_weight, "disc_factor": factor,
             "codebook_usage": q.usage, "perplexity": q.perplexity, "psnr": jnp.mean(psnr(x, x_rec)),
             "learning_rate": schedule(state.step), **codebook_metrics,
         }
         if lc.kind == "segmentation":  # x_rec holds logits: accuracy of the argmax label, not PSNR
-            del metrics["psnr"], metrics["rec_loss"], metrics["p_loss"]
+            del metrics["psnr"], metrics["rec_loss"], metrics["pixel_loss"], metrics["p_loss"]
             metrics["pixel_accuracy"] = jnp.mean(jnp.argmax(x_rec, -1) == jnp.argmax(x, -1))
 
         disc_params, disc_opt_state, batch_stats = state.disc_params, state.disc_opt_state, state.disc_batch_stats
@@ -123,7 +124,12 @@ def make_train_step(models: Models, config, gan_in_generator: bool, train_disc: 
                 return loss, (stats, means, new_lecam)
 
             (d_loss, (batch_stats, means, lecam)), d_grads = jax.value_and_grad(disc_loss, has_aux=True)(disc_params)
-            d_updates, disc_opt_state = models.disc_tx.update(d_grads, disc_opt_state, disc_params)
+            # The original steps the discriminator's Adam on every batch, with zero gradients before
+            # disc_start: its moments are still zero there, but its bias corrections are those of step
+            # disc_start + 1: its first real update is up to 1.58x what a fresh Adam makes at betas (0.5, 0.9).
+            # Steps before disc_start leave the discriminator out here, so its counters take the step.
+            d_updates, disc_opt_state = models.disc_tx.update(d_grads, with_count(disc_opt_state, state.step),
+                                                              disc_params)
             disc_params = optax.apply_updates(disc_params, d_updates)
             metrics.update(disc_loss=d_loss, logits_real=means[0], logits_fake=means[1])
 

@@ -7,7 +7,6 @@ machinery is the VQGAN's: distributed set-up, mesh, state born sharded or restor
 
 import json
 import os
-import time
 
 import jax
 import numpy as np
@@ -17,7 +16,7 @@ from vqgan_jax.data.codes import code_batches, code_eval_batches
 from vqgan_jax.pretrained import save_pretrained
 from vqgan_jax.train.checkpoint import Checkpointer, abstract_with_shardings
 from vqgan_jax.train.logging import MetricWriter, Progress
-from vqgan_jax.train.loop import _StopRequest, initialize_distributed
+from vqgan_jax.train.loop import _StopRequest, initialize_distributed, log_step, run_step
 from vqgan_jax.train.sharding import batch_sharding, make_mesh, replicated
 from vqgan_jax.train.stages import check_code_cache, check_config, load_stages, load_vqgan
 from vqgan_jax.train.transformer import (build_gpt, create_state, jit_train_step, make_eval_step, optimizer,
@@ -139,12 +138,12 @@ def run(config, workdir: str):
     try:
         while step < config.total_steps:
             batch = next(batches)
-            t0 = time.perf_counter()
-            state, metrics = train_step(state, batch, stages[1])
+            timed = log_step(step + 1, config)
+            state, metrics, seconds = run_step(train_step, state, (batch, stages[1]), timed)
             step += 1
             progress.update(step)
-            if step % config.log_every == 0 or step == config.total_steps:
-                writer.write_step(step, metrics, time.perf_counter() - t0, progress, source)
+            if timed:
+                writer.write_step(step, metrics, seconds, progress, source)
             if config.eval_every and step % config.eval_every == 0 and step < config.total_steps:
                 nll = validation_nll(config, gpt, state.params, stages, mesh)
                 if nll:
@@ -168,6 +167,9 @@ def run(config, workdir: str):
                 with open(os.path.join(export, "net2net.json"), "w") as f:
                     json.dump({"first_stage": config.first_stage.to_dict(), "cond_stage": config.cond_stage.to_dict(),
                                "data_size": config.data.size}, f, indent=2)
+    except Exception:
+        checkpointer.save_after_error(state, step)
+        raise
     finally:
         stop.restore()
         batches.close()
