@@ -37,6 +37,7 @@ def _vqmodel_checkpoint(taming):
     state.update({f"loss.discriminator.{k}": v for k, v in taming.state("disc").items()})
     state["loss.discriminator.main.3.num_batches_tracked"] = np.array(7)
     state["loss.perceptual_loss.lin0.model.1.weight"] = np.zeros((1, 64, 1, 1), np.float32)
+    state["colorize"] = np.ones((3, 5, 1, 1), np.float32)  # VQSegmentationModel's label-drawing buffer
     return state
 
 
@@ -107,6 +108,20 @@ def test_config_errors(taming, tmp_path):
         vj.convert.vqgan_from_taming(str(tmp_path / "absent.ckpt"), taming.vq_params())
     with pytest.raises(ValueError, match="no GPT in this checkpoint"):
         vj.convert.gpt_from_taming(taming.state("vq"), taming.gpt_params())
+    with pytest.raises(ValueError, match="GumbelVQ checkpoints are not supported"):
+        vj.convert.vqgan_from_taming(taming.state("vq"), {"target": "taming.models.vqgan.GumbelVQ",
+                                                          "params": taming.vq_params()})
+
+
+def test_discriminator_of_another_input_width(taming):
+    """The depth VQGAN's discriminator reads 1 channel (the loss's disc_in_channels)."""
+    state = dict(taming.state("disc"))
+    state["main.0.weight"] = state["main.0.weight"][:, :1]
+    disc, variables = vj.convert.discriminator_from_taming(state, **taming.meta["disc"], in_channels=1)
+    np.testing.assert_array_equal(variables["params"]["main_0"]["kernel"][..., 0, :],
+                                  np.transpose(state["main.0.weight"][:, 0], (1, 2, 0)))
+    with pytest.raises(ValueError, match="main.0.weight"):
+        vj.convert.discriminator_from_taming(state, **taming.meta["disc"])
 
 
 def test_cli_converts_a_torch_ckpt(taming, tmp_path):
@@ -126,6 +141,10 @@ def test_cli_converts_a_torch_ckpt(taming, tmp_path):
     disc, disc_vars = load_pretrained(str(tmp_path / "out" / "discriminator"))
     assert disc.n_layers == taming.meta["disc"]["n_layers"] and "batch_stats" in disc_vars
 
+    (tmp_path / "damaged.ckpt").write_bytes(ckpt.read_bytes()[:200])
+    with pytest.raises(ValueError, match="cannot read .* as a PyTorch checkpoint"):
+        vj.convert.load_state_dict(str(tmp_path / "damaged.ckpt"))
+
 
 def test_cli_net2net_and_bad_input(taming, tmp_path, capsys):
     npz = tmp_path / "net2net.npz"
@@ -139,3 +158,21 @@ def test_cli_net2net_and_bad_input(taming, tmp_path, capsys):
 
     assert convert_main([str(tmp_path / "absent.ckpt"), str(yaml_path), str(tmp_path / "x")]) == 1
     assert "does not exist" in capsys.readouterr().err
+
+    # `unconditional` replaces the conditioning stage by an SOS token, whatever cond_stage_config says.
+    config = yaml.safe_load(yaml_path.read_text())
+    params = config["model"]["params"]
+    params.update(unconditional=True, cond_stage_config={"target": "taming.models.vqgan.VQModel",
+                                                         "params": taming.vq_params()})
+    (tmp_path / "uncond.yaml").write_text(yaml.safe_dump(config))
+    assert convert_main([str(npz), str(tmp_path / "uncond.yaml"), str(tmp_path / "uncond")]) == 0
+    assert not (tmp_path / "uncond" / "cond_stage").exists()
+    # What would be lost without a word is refused: a permuter that reorders the codes, stray weights.
+    params.update(unconditional=False, cond_stage_config="__is_unconditional__",
+                  permuter_config={"target": "taming.modules.transformer.permuter.Subsample", "params": {"H": 4, "W": 4}})
+    (tmp_path / "permuted.yaml").write_text(yaml.safe_dump(config))
+    assert convert_main([str(npz), str(tmp_path / "permuted.yaml"), str(tmp_path / "p")]) == 1
+    assert "Subsample' reorders the code sequence" in capsys.readouterr().err
+    np.savez(tmp_path / "stray.npz", **_net2net_checkpoint(taming), **{"ema.weight": np.zeros(2)})
+    assert convert_main([str(tmp_path / "stray.npz"), str(yaml_path), str(tmp_path / "s")]) == 1
+    assert "belong to no part that converts: ['ema.weight']" in capsys.readouterr().err

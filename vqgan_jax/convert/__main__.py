@@ -31,16 +31,21 @@ def convert(ckpt: str, config_path: str, out_dir: str, trust: bool = False) -> d
         write("vqgan", model, {"params": params})
         if any(k.startswith("loss.discriminator.") for k in state):
             loss = taming.unwrap_config(dict(config.get("lossconfig") or {}))
+            if loss.get("use_actnorm"):
+                raise ValueError("the checkpoint's discriminator uses ActNorm (use_actnorm), which ours lacks; "
+                                 "convert the autoencoder alone with vqgan_jax.convert.vqgan_from_taming")
             disc, variables = taming.discriminator_from_taming(
                 state, ndf=loss.get("disc_ndf", 64), n_layers=loss.get("disc_num_layers", 3),
-                prefix="loss.discriminator.")
+                prefix="loss.discriminator.", in_channels=loss.get("disc_in_channels", 3))
             write("discriminator", disc, variables)
     elif "transformer_config" in config:
+        _check_net2net(config, state)
         model, params = taming.gpt_from_taming(state, config, prefix="transformer.")
         write("transformer", model, {"params": params})
         model, params = taming.vqgan_from_taming(state, config["first_stage_config"], prefix="first_stage_model.")
         write("first_stage", model, {"params": params})
-        cond = config.get("cond_stage_config")
+        # As the original: `unconditional` puts an SOS token in place of whatever cond_stage_config says.
+        cond = "__is_unconditional__" if config.get("unconditional") else config.get("cond_stage_config")
         if isinstance(cond, dict) and "ddconfig" in taming.unwrap_config(dict(cond)):
             model, params = taming.vqgan_from_taming(state, cond, prefix="cond_stage_model.")
             write("cond_stage", model, {"params": params})
@@ -53,6 +58,21 @@ def convert(ckpt: str, config_path: str, out_dir: str, trust: bool = False) -> d
     with open(os.path.join(out_dir, "manifest.json"), "w") as f:
         json.dump(manifest, f, indent=2)
     return manifest
+
+
+def _check_net2net(config: dict, state: dict) -> None:
+    """What a Net2Net conversion would otherwise lose without a word: a permuter that reorders the codes,
+    weights outside the transformer and its two stages, a missing first stage."""
+    if "first_stage_config" not in config:
+        raise ValueError("the Net2Net config has no first_stage_config")
+    permuter = config.get("permuter_config") or {}
+    target = str(permuter.get("target", "")) if isinstance(permuter, dict) else str(permuter)
+    if target and not target.endswith(".Identity"):
+        raise ValueError(f"permuter {target!r} reorders the code sequence, which vqgan-jax does not; only the "
+                         "Identity permuter (the default) converts")
+    stray = sorted(k for k in state if not k.startswith(("transformer.", "first_stage_model.", "cond_stage_model.")))
+    if stray:
+        raise ValueError(f"{len(stray)} keys of the checkpoint belong to no part that converts: {stray[:5]}")
 
 
 def main(argv=None) -> int:

@@ -45,11 +45,12 @@ def load_state_dict(source: StateDict, trust: bool = False) -> dict[str, np.ndar
                 raise ImportError(f"reading {path!r} needs PyTorch: pip install 'vqgan-jax[convert]'") from None
             try:
                 state = torch.load(path, map_location="cpu", weights_only=not trust)
-            except Exception as e:  # torch raises UnpicklingError or RuntimeError for disallowed objects
-                if trust:
-                    raise
-                raise ValueError(f"{path!r} holds more than weights and was not unpickled ({e}); if you "
-                                 "trust this file, pass trust=True (CLI: --trust)") from None
+            except Exception as e:  # noqa: BLE001 -- torch's errors have no common type beyond Exception
+                if not trust and "weights only load failed" in str(e).lower():
+                    raise ValueError(f"{path!r} holds more than weights and was not unpickled ({e}); if you "
+                                     "trust this file, pass trust=True (CLI: --trust)") from None
+                raise ValueError(f"cannot read {path!r} as a PyTorch checkpoint (damaged, or not a "
+                                 f"checkpoint): {e}") from None
     if "state_dict" in state and isinstance(state["state_dict"], Mapping):
         state = state["state_dict"]
     return {k: _to_numpy(v) for k, v in state.items()}
@@ -73,6 +74,22 @@ def read_config(config) -> dict:
     return dict(config)
 
 
+# The original's VQ models whose weights or quantiser our VQGAN does not have: refused by name rather than
+# by the keys that would then be missing.
+_UNSUPPORTED_VQ = {"GumbelVQ": "a Gumbel-softmax quantiser", "EMAVQ": "an EMA codebook with its own buffers"}
+
+
+def model_target(config) -> str:
+    """The `target` class path of a model config (its innermost wrapper's), or ""."""
+    config = read_config(config)
+    if "model" in config and isinstance(config["model"], Mapping):
+        config = dict(config["model"])
+    target = ""
+    while "target" in config and isinstance(config.get("params"), Mapping):
+        target, config = str(config["target"]), dict(config["params"])
+    return target
+
+
 def unwrap_config(config: dict) -> dict:
     """Steps through `model:` and `{target, params}` wrappers to the parameters."""
     if "model" in config and isinstance(config["model"], Mapping):
@@ -84,6 +101,9 @@ def unwrap_config(config: dict) -> dict:
 
 def vqgan_config(model_params) -> dict:
     """A VQModel's `model.params` ({embed_dim, n_embed, ddconfig}) or its YAML -> `VQGAN` fields."""
+    name = model_target(model_params).rsplit(".", 1)[-1]
+    if name in _UNSUPPORTED_VQ:
+        raise ValueError(f"{name} checkpoints are not supported: {_UNSUPPORTED_VQ[name]}, which VQGAN lacks")
     params = unwrap_config(read_config(model_params))
     if "ddconfig" not in params:
         raise ValueError(f"no `ddconfig` in the VQ model's params (keys: {sorted(params)})")
@@ -140,11 +160,12 @@ def _params(variables: Mapping) -> Mapping:
 def vqgan_from_taming(state_dict: StateDict, model_params, *, prefix: str | None = None,
                       trust: bool = False) -> tuple[VQGAN, dict]:
     """-> (VQGAN, params). Keys may carry `first_stage_model.` (a Net2Net checkpoint) or none (a VQModel
-    checkpoint, whose `loss.*` entries are skipped); `prefix` picks another part, e.g. `cond_stage_model.`."""
+    checkpoint, whose `loss.*` entries are skipped, as is the `colorize` buffer, a random projection the
+    original draws label maps with); `prefix` picks another part, e.g. `cond_stage_model.`."""
     model = VQGAN(**vqgan_config(model_params))
     state = load_state_dict(state_dict, trust)
     prefixes = [prefix] if prefix is not None else ["", "first_stage_model."]
-    state = _select(state, prefixes, "encoder.conv_in.weight", "VQGAN", skip=("loss.",))
+    state = _select(state, prefixes, "encoder.conv_in.weight", "VQGAN", skip=("loss.", "colorize"))
     f = model.downsample_factor
     shapes = _expected(model, jnp.zeros((1, f, f, model.in_channels)))
     return model, import_variables(state, shapes, what="VQGAN")["params"]
@@ -170,15 +191,17 @@ def gpt_from_taming(state_dict: StateDict, transformer_params, *, prefix: str | 
 
 
 def discriminator_from_taming(state_dict: StateDict, ndf: int = 64, n_layers: int = 3, *,
-                              prefix: str | None = None, trust: bool = False) -> tuple[NLayerDiscriminator, dict]:
-    """-> (NLayerDiscriminator, {"params", "batch_stats"}). Keys `main.*` or `loss.discriminator.main.*`."""
+                              prefix: str | None = None, trust: bool = False,
+                              in_channels: int = 3) -> tuple[NLayerDiscriminator, dict]:
+    """-> (NLayerDiscriminator, {"params", "batch_stats"}). Keys `main.*` or `loss.discriminator.main.*`;
+    in_channels: the loss's `disc_in_channels` (1 for the depth VQGAN)."""
     model = NLayerDiscriminator(ndf=ndf, n_layers=n_layers)
     state = load_state_dict(state_dict, trust)
     prefixes = [prefix] if prefix is not None else ["", "loss.discriminator."]
     state = _select(state, prefixes, "main.0.weight", "PatchGAN discriminator")
     ignored = {k: None for k in state if k.endswith(".num_batches_tracked")}
     size = 4 * 2 ** n_layers
-    shapes = _expected(model, jnp.zeros((1, size, size, 3)), train=False)
+    shapes = _expected(model, jnp.zeros((1, size, size, in_channels)), train=False)
     return model, import_variables(state, shapes, ignored, what="discriminator")
 
 
