@@ -1,5 +1,6 @@
 """Our convolution, group norm, layer norm and the GPT's Dense equal flax's nn.Conv, nn.GroupNorm,
-nn.LayerNorm and nn.Dense in value and gradient, with the same parameter names, so checkpoints carry over."""
+nn.LayerNorm and nn.Dense in value and gradient, with the same parameter names, so checkpoints carry over;
+our batch norm is PyTorch's."""
 
 import flax.linen as nn
 import jax
@@ -102,3 +103,31 @@ def test_group_norm_keeps_bfloat16_and_rejects_uneven_groups():
     assert jax.grad(lambda x: jnp.sum(norm.apply(params, x).astype(jnp.float32)))(x).dtype == jnp.bfloat16
     with pytest.raises(ValueError, match="48 channels do not split into 32 groups"):
         norm.init(jax.random.PRNGKey(0), jnp.ones((1, 4, 4, 48)))
+
+
+def test_batch_norm_is_pytorchs_including_the_running_variance():
+    """Same outputs in both modes and same running averages as torch's BatchNorm2d after two train steps;
+    flax's nn.BatchNorm would update the variance with the biased estimate (here off by 24/23)."""
+    torch = pytest.importorskip("torch")
+    from vqgan_jax.models.norm import BatchNorm
+
+    xs = [np.random.default_rng(i).normal(2.0, 3.0, (2, 3, 4, 5)).astype(np.float32) for i in range(3)]
+    ours = BatchNorm()
+    variables = ours.init(jax.random.PRNGKey(0), jnp.asarray(xs[0]), train=True)
+    params = {"scale": jnp.linspace(0.5, 1.5, 5), "bias": jnp.linspace(-1.0, 1.0, 5)}
+    ref = torch.nn.BatchNorm2d(5)
+    with torch.no_grad():
+        ref.weight.copy_(torch.from_numpy(np.array(params["scale"])))
+        ref.bias.copy_(torch.from_numpy(np.array(params["bias"])))
+    stats = variables["batch_stats"]
+    for x in xs[:2]:
+        y, updates = ours.apply({"params": params, "batch_stats": stats}, jnp.asarray(x), train=True,
+                                mutable=["batch_stats"])
+        stats = updates["batch_stats"]
+        expected = ref.train()(torch.from_numpy(x.transpose(0, 3, 1, 2))).detach().numpy().transpose(0, 2, 3, 1)
+        np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(stats["mean"], ref.running_mean.numpy(), rtol=1e-6)
+    np.testing.assert_allclose(stats["var"], ref.running_var.numpy(), rtol=1e-6)
+    y = ours.apply({"params": params, "batch_stats": stats}, jnp.asarray(xs[2]), train=False)
+    expected = ref.eval()(torch.from_numpy(xs[2].transpose(0, 3, 1, 2))).detach().numpy().transpose(0, 2, 3, 1)
+    np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)

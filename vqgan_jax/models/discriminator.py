@@ -10,6 +10,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from vqgan_jax.models.conv import Conv
+from vqgan_jax.models.norm import BatchNorm
 
 Dtype = Any
 
@@ -17,8 +18,8 @@ Dtype = Any
 class NLayerDiscriminator(nn.Module):
     """x: [B, H, W, C] in [-1, 1] -> patch logits [B, H', W', 1] (H' = H/2**n_layers - 2 for H a multiple of it).
 
-    BatchNorm normalises with the batch statistics when `train=True` (call `apply` with
-    `mutable=["batch_stats"]`), with the running averages otherwise.
+    BatchNorm (PyTorch's, `models/norm.py`) normalises with the batch statistics when `train=True` (call
+    `apply` with `mutable=["batch_stats"]`), with the running averages otherwise.
     """
     ndf: int = 64
     n_layers: int = 3
@@ -31,17 +32,14 @@ class NLayerDiscriminator(nn.Module):
                         dtype=self.dtype, name=f"main_{index}", kernel_init=nn.initializers.normal(0.02))
 
         def norm(index):
-            # PyTorch's BatchNorm2d: eps 1e-5, running averages updated with momentum 0.1.
-            return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                                use_fast_variance=False, dtype=self.dtype, name=f"main_{index}",
-                                scale_init=lambda key, shape, dtype=jnp.float32:
-                                1.0 + 0.02 * nn.initializers.normal(1.0)(key, shape, dtype))
+            return BatchNorm(dtype=self.dtype, name=f"main_{index}", scale_init=lambda key, shape, dtype=jnp.float32:
+                             1.0 + 0.02 * nn.initializers.normal(1.0)(key, shape, dtype))
 
         x = nn.leaky_relu(conv(self.ndf, 2, 0, True)(x), 0.2)
         index = 2
         for n in range(1, self.n_layers + 1):
             stride = 2 if n < self.n_layers else 1
             x = conv(self.ndf * min(2 ** n, 8), stride, index, False)(x)
-            x = nn.leaky_relu(norm(index + 1)(x), 0.2)
+            x = nn.leaky_relu(norm(index + 1)(x, train), 0.2)
             index += 3
         return conv(1, 1, index, True)(x)

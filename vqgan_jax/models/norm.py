@@ -1,4 +1,4 @@
-"""Group normalisation (NHWC) and layer normalisation with hand-written gradients.
+"""Group normalisation (NHWC) and layer normalisation with hand-written gradients; PyTorch's batch norm.
 
 Statistics are float32 whatever the input dtype, and the variance is two-pass, as flax's
 `GroupNorm(use_fast_variance=False)`; the gradient reuses the forward's normalised map instead of
@@ -138,3 +138,37 @@ class LayerNorm(nn.Module):
         scale = self.param("scale", nn.initializers.ones, (c,))
         bias = self.param("bias", nn.initializers.zeros, (c,))
         return layer_norm(x.astype(self.dtype), scale, bias, self.epsilon)
+
+
+class BatchNorm(nn.Module):
+    """PyTorch's BatchNorm2d over x: [..., C] (NHWC), with flax's `nn.BatchNorm` variables (params scale,
+    bias; batch_stats mean, var). As PyTorch, and unlike flax, the running variance is updated with the
+    batch's unbiased variance (n / (n - 1)) while the batch is normalised with the biased one. train:
+    normalise with the batch's statistics and update the running ones (apply with
+    `mutable=["batch_stats"]`); otherwise use the running ones."""
+    momentum: float = 0.1  # PyTorch's convention: the weight of the new batch
+    epsilon: float = 1e-5
+    dtype: Dtype = jnp.float32
+    scale_init: Any = nn.initializers.ones
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        c = x.shape[-1]
+        scale = self.param("scale", self.scale_init, (c,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+        running_mean = self.variable("batch_stats", "mean", jnp.zeros, (c,), jnp.float32)
+        running_var = self.variable("batch_stats", "var", jnp.ones, (c,), jnp.float32)
+        if train:
+            axes = tuple(range(x.ndim - 1))
+            xf = x.astype(jnp.float32)
+            mean = jnp.mean(xf, axes)
+            var = jnp.mean(jnp.square(xf - mean), axes)  # two-pass, as flax's use_fast_variance=False
+            if not self.is_initializing():
+                n = x.size // c
+                m = self.momentum
+                running_mean.value = (1 - m) * running_mean.value + m * mean
+                running_var.value = (1 - m) * running_var.value + m * var * (n / max(n - 1, 1))
+        else:
+            mean, var = running_mean.value, running_var.value
+        y = (x.astype(jnp.float32) - mean) * (scale * lax.rsqrt(var + self.epsilon)) + bias
+        return y.astype(self.dtype)

@@ -21,8 +21,9 @@ from vqgan_jax.train.state import Models, TrainState, learning_rate, with_count
 
 def phase(step: int, loss_config) -> tuple[bool, bool]:
     """(GAN term in the generator loss, discriminator trained) at `step`, decided on the host so that
-    steps before `disc_start` compile without the discriminator at all. The segmentation VQGAN has no
-    discriminator."""
+    steps before `disc_start` compile without the discriminator at all (the original runs it all the same,
+    with a zero loss weight: only its BatchNorm running averages, which nothing in training reads, start
+    later here). The segmentation VQGAN has no discriminator."""
     if loss_config.kind == "segmentation":
         return False, False
     active = step >= loss_config.disc_start
@@ -74,9 +75,14 @@ def make_train_step(models: Models, config, gan_in_generator: bool, train_disc: 
         (nll, p_loss), g_rec = jax.value_and_grad(rec_loss, has_aux=True)(x_rec)
         zero = jnp.zeros((), jnp.float32)
         g_loss, d_weight, factor, image_cotangent = zero, zero, zero, g_rec
+        batch_stats = state.disc_batch_stats
         if gan_in_generator:
-            gan = lambda x_rec: losses.generator_loss(disc_logits(state.disc_params, state.disc_batch_stats, x_rec)[0])  # noqa: E731
-            g_loss, g_gan = jax.value_and_grad(gan)(x_rec)
+            def gan(x_rec):
+                logits, stats = disc_logits(state.disc_params, state.disc_batch_stats, x_rec)
+                return losses.generator_loss(logits), stats
+
+            # This pass updates the running averages too, then real and fake do: the original's order.
+            (g_loss, batch_stats), g_gan = jax.value_and_grad(gan, has_aux=True)(x_rec)
             if lc.adaptive_weight:
                 last_layer = lambda cot: vjp_fn((cot, zero))[0]["decoder"]["conv_out"]["kernel"]  # noqa: E731
                 d_weight = losses.adaptive_weight(last_layer(g_rec), last_layer(g_gan), lc.disc_weight)
@@ -103,15 +109,14 @@ def make_train_step(models: Models, config, gan_in_generator: bool, train_disc: 
             del metrics["psnr"], metrics["rec_loss"], metrics["pixel_loss"], metrics["p_loss"]
             metrics["pixel_accuracy"] = jnp.mean(jnp.argmax(x_rec, -1) == jnp.argmax(x, -1))
 
-        disc_params, disc_opt_state, batch_stats = state.disc_params, state.disc_opt_state, state.disc_batch_stats
-        lecam = state.lecam
+        disc_params, disc_opt_state, lecam = state.disc_params, state.disc_opt_state, state.lecam
         if train_disc:
             fake = jax.lax.stop_gradient(x_rec)
 
             def disc_loss(params):
                 # Real and fake go through separately, as in the original: each batch is normalised
                 # with its own BatchNorm statistics.
-                real_logits, stats = disc_logits(params, state.disc_batch_stats, x)
+                real_logits, stats = disc_logits(params, batch_stats, x)
                 fake_logits, stats = disc_logits(params, stats, fake)
                 weight = losses.disc_factor(state.step, disc_start_for_d, lc.disc_factor)
                 loss = weight * losses.discriminator_loss(real_logits, fake_logits, lc.disc_loss)
