@@ -20,6 +20,7 @@ def get_config(arg=None):
     c.batch_size = 12
     c.data.size = 256
     c.data.n_labels = 182
+    c.data.random_crop = False  # centre crops, as the original's sflckr.Examples
     c.first_stage.checkpoint = "runs/vq/export/vqgan"
     c.cond_stage.update(kind="segmentation", checkpoint="runs/seg/export/vqgan")
     c.model.update(vocab_size=1024, block_size=512, n_layer=24, n_head=16, n_embd=1024)

@@ -12,4 +12,5 @@ def get_config(arg=None):
     c.batch_size = 5
     c.loss.disc_start = 10000
     c.loss.disc_weight = 0.8
+    c.data.random_crop = False  # the original's data class takes the centre crop
     return runlocal(c) if arg == "runlocal" else c

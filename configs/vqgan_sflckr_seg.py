@@ -17,6 +17,7 @@ def get_config(arg=None):
     c.loss.kind = "segmentation"
     c.batch_size = 12
     c.data.n_labels = N_LABELS
+    c.data.random_crop = False  # the original's data class takes the centre crop
     c.model.update(embed_dim=256, n_embed=1024, z_channels=256, in_channels=N_LABELS, out_ch=N_LABELS)
     if arg == "runlocal":
         c = runlocal(c)

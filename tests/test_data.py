@@ -545,6 +545,9 @@ def test_unusable_label_maps_are_skipped_and_counted(tmp_path, caplog):
         "label_out_of_range": _write_pair(images, maps, "range.png", _constant(SIZE, 20, 9), out_of_range),
         "label_map_size": _write_pair(images, maps, "size.png", _constant(SIZE, 20, 9), _constant(SIZE, 21, 1, 0)),
         "label_map_not_grey": _write_pair(images, maps, "rgb.png", _constant(SIZE, 20, 9), _constant(SIZE, 20, 1)),
+        # Class 3 as a 16-bit PNG: decoded to 8 bits it would read as class 0.
+        "label_map_not_8_bit": _write_pair(images, maps, "deep.png", _constant(SIZE, 20, 9),
+                                           _constant(SIZE, 20, 3, 0).astype(np.uint16)),
     }
     n = len(good) + len(bad)
     c = _seg_config(images, maps)
@@ -562,6 +565,7 @@ def test_unusable_label_maps_are_skipped_and_counted(tmp_path, caplog):
     assert "no_map.png" in log and "does not exist" in log
     assert str(maps / "range.png") in log and "class >= data.n_labels" in log
     assert "differs from the image in height or width" in log and "not a single-channel" in log
+    assert str(maps / "deep.png") in log and "not an 8-bit PNG" in log
 
     ev = data.eval_iterator(c, batch_size=n, process_index=0, process_count=1, with_keys=True)
     (batch,) = list(ev)
@@ -717,6 +721,9 @@ def test_class_folders_number_the_sorted_top_level_folders(tmp_path):
         data.eval_iterator(_config(path=str(listed), class_folders=True), **kw)
     # A list's classes are the first components of its entries, relative to the list's folder.
     listed.write_text("zebra/zebra0.png\ncat/deep/cat1.png\n")
+    ev = data.eval_iterator(_config(path=str(listed), class_folders=True), **kw)
+    assert ev.classes == ["cat", "zebra"] and next(ev)["label"].tolist() == [1, 0, 0, 0]
+    listed.write_text("./zebra/zebra0.png\n./cat/deep/cat1.png\n")  # the same entries, spelt from "."
     ev = data.eval_iterator(_config(path=str(listed), class_folders=True), **kw)
     assert ev.classes == ["cat", "zebra"] and next(ev)["label"].tolist() == [1, 0, 0, 0]
 
@@ -927,6 +934,7 @@ def test_prefetch_to_device(folder):
     out = list(data.prefetch_to_device(ev, sharding))
     assert len(out) == len(ev) and isinstance(out[-1]["mask"], jax.Array)
     assert isinstance(out[0]["key"], np.ndarray)
+    assert isinstance(out[0]["index"], np.ndarray) and out[0]["index"].dtype == np.int64  # not cut to int32
     assert data.prefetch_to_device(ev, sharding).skipped == 0
 
     def failing():

@@ -13,6 +13,10 @@ class _Failure:
         self.error = error
 
 
+# The with_keys=True fields: which file each row came from, for checking order and sharding on the host.
+HOST_KEYS = ("key", "index")
+
+
 def _is_numeric(x) -> bool:
     return isinstance(x, np.ndarray) and x.dtype.kind in "biuf"
 
@@ -21,17 +25,25 @@ def to_global(batch, sharding):
     """Host-local numpy batch (pytree) -> global jax.Arrays laid out by `sharding`.
 
     sharding: one jax.sharding.Sharding for every leaf, or a pytree of them matching `batch`. Each host
-    passes its own rows; the global batch is their concatenation over processes. Non-numeric leaves (the
-    "key" strings of with_keys=True) stay on the host unchanged.
+    passes its own rows; the global batch is their concatenation over processes. A dict's HOST_KEYS
+    ("key", "index" of with_keys=True) and non-numeric leaves stay on the host unchanged.
     """
     import jax
 
     def put(x, s):
         return jax.make_array_from_process_local_data(s, x) if _is_numeric(x) else x
 
+    host = {}
+    if isinstance(batch, dict) and any(k in batch for k in HOST_KEYS):
+        host = {k: batch[k] for k in HOST_KEYS if k in batch}
+        batch = {k: v for k, v in batch.items() if k not in HOST_KEYS}
+        if isinstance(sharding, dict):
+            sharding = {k: v for k, v in sharding.items() if k not in HOST_KEYS}
     if isinstance(sharding, jax.sharding.Sharding):
-        return jax.tree.map(lambda x: put(x, sharding), batch)
-    return jax.tree.map(put, batch, sharding)
+        out = jax.tree.map(lambda x: put(x, sharding), batch)
+    else:
+        out = jax.tree.map(put, batch, sharding)
+    return {**out, **host} if host else out
 
 
 def _put(q, stop, item) -> bool:

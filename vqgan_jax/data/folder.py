@@ -85,8 +85,9 @@ def read_file_list(list_file: str) -> list[str]:
         line = line.strip()
         if not line or line.startswith("#"):
             continue
-        if not (os.path.isabs(line) or _is_remote(line)):
-            line = os.path.join(base, line)
+        if not _is_remote(line):
+            # Normalised, so that `./cat/0.png` pairs and classes by `cat/0.png` as a walked folder does.
+            line = os.path.normpath(line if os.path.isabs(line) else os.path.join(base, line))
         paths.append(line)
     if not paths:
         raise ValueError(f"the image list {list_file} names no images")

@@ -60,10 +60,10 @@ _MASK63 = (1 << 63) - 1
 _LOGGED_KEYS = 20  # bad files named in the log and kept in `skipped_keys`; the rest are only counted
 
 # Why a decoded example is invalid: its `problem` (0: it is fine), and the names `skipped_reasons` counts.
-_UNREADABLE, _NOT_GREY, _WRONG_SIZE, _OUT_OF_RANGE, _DEPTH_FORMAT, _DEPTH_SIZE = 1, 2, 3, 4, 5, 6
+_UNREADABLE, _NOT_GREY, _WRONG_SIZE, _OUT_OF_RANGE, _DEPTH_FORMAT, _DEPTH_SIZE, _NOT_8_BIT = 1, 2, 3, 4, 5, 6, 7
 _PROBLEM_NAMES = {_UNREADABLE: "unreadable", _NOT_GREY: "label_map_not_grey", _WRONG_SIZE: "label_map_size",
                   _OUT_OF_RANGE: "label_out_of_range", _DEPTH_FORMAT: "depth_map_format",
-                  _DEPTH_SIZE: "depth_map_size"}
+                  _DEPTH_SIZE: "depth_map_size", _NOT_8_BIT: "label_map_not_8_bit"}
 # Per-example fields of a batch as the iterators yield it (valid and problem only serve the repair / mask).
 _OUTPUT_KEYS = ("image", "segmentation", "depth", "label", "crop", "flipped")
 
@@ -132,24 +132,26 @@ def _blank(size, extras):
     return {k: T.zeros(shape, dtype) for k, (shape, dtype) in _field_specs(size, extras).items()}
 
 
-def _label_problem(labels, image, n_labels):
-    """0 if labels (uint8 [H, W, C]) can go with image (uint8 [H', W', 3]), else its problem code (int32)."""
+def _label_problem(labels, eight_bit, image, n_labels):
+    """0 if labels (uint8 [H, W, C], decoded from an 8-bit file when eight_bit) can go with image (uint8
+    [H', W', 3]), else its problem code (int32)."""
     T = tf()
     label_shape, image_shape = T.shape(labels), T.shape(image)
     grey = T.equal(label_shape[2], 1)
     same_size = T.reduce_all(T.equal(label_shape[:2], image_shape[:2]))
     # Checked on the whole map, not the crop: whether a file is usable must not depend on the crop drawn.
     in_range = T.reduce_max(T.cast(labels, T.int32)) < n_labels
-    return T.where(~grey, _NOT_GREY, T.where(~same_size, _WRONG_SIZE, T.where(~in_range, _OUT_OF_RANGE, 0)))
+    return T.where(~eight_bit, _NOT_8_BIT, T.where(~grey, _NOT_GREY, T.where(
+        ~same_size, _WRONG_SIZE, T.where(~in_range, _OUT_OF_RANGE, 0))))
 
 
 def _load_labels(path, image, segmentation):
     """(labels uint8 [H, W, 1], problem int32): the label map of `image`, or zeros when it cannot be used."""
     T = tf()
-    labels = preprocess.decode_labels(T.io.read_file(path))
+    labels, eight_bit = preprocess.decode_labels(T.io.read_file(path))
     if segmentation.shift:
         labels = preprocess.shift_labels(labels)
-    problem = _label_problem(labels, image, segmentation.n_labels)
+    problem = _label_problem(labels, eight_bit, image, segmentation.n_labels)
     # An unusable map is swapped for zeros of the image's shape so that the example still runs through the
     # same ops (its fields are blanked afterwards).
     image_shape = T.shape(image)
@@ -389,6 +391,8 @@ class _Iterator:
         label_map = self.label_maps[index]
         if problem == _NOT_GREY:
             return f"skipping {key}: its label map {label_map} is not a single-channel (grey) image"
+        if problem == _NOT_8_BIT:
+            return f"skipping {key}: its label map {label_map} is not an 8-bit PNG (class ids must be 8-bit grey values)"
         if problem == _WRONG_SIZE:
             return f"skipping {key}: its label map {label_map} differs from the image in height or width"
         return f"skipping {key}: its label map {label_map} holds a class >= data.n_labels"

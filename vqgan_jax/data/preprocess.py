@@ -4,7 +4,8 @@ The original (taming/data/base.py) does: PIL open -> convert("RGB") -> resize so
 (albumentations.SmallestMaxSize, which also upscales) -> random or center crop to size x size ->
 `x / 127.5 - 1` as float32. We resize with an antialiased filter (the original's cv2 bilinear aliases when
 downscaling) and round back to uint8 levels as the original's uint8 resize does, so the values the model
-sees are the original's k / 127.5 - 1 grid. The horizontal flip is our addition (off by default).
+sees are the original's k / 127.5 - 1 grid. The horizontal flip is off by default (the original flips
+ImageNet-with-depth crops, `get_preprocessor`, and nothing else).
 
 Label maps (the original's SegmentationBase) are resized to the image's resized shape with nearest neighbour,
 so every value stays a class id, then take the image's crop and flip. `crop_example` also reports the crop
@@ -33,20 +34,32 @@ def decode(encoded):
     return image
 
 
-def decode_labels(encoded):
-    """encoded label map (grey PNG, value = class id) -> uint8 [H, W, C] as stored.
-
-    The channels are kept rather than converted, so that a colour or palette map shows up as C != 1 (the
-    caller rejects it) instead of becoming luminance values that look like class ids.
-    """
-    T = tf()
-    labels = T.io.decode_image(encoded, channels=0, dtype=T.uint8, expand_animations=False)
-    labels.set_shape([None, None, None])
-    return labels
-
-
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_GREY, _PNG_RGBA = 0, 6  # IHDR colour types
+
+
+def _png_header(encoded):
+    """-> (is_png, bit depth, colour type) from the PNG signature and IHDR (bytes 24 and 25); indexing
+    raises InvalidArgumentError on a file shorter than 26 bytes, which is unreadable whatever its format."""
+    T = tf()
+    header = T.io.decode_raw(T.strings.substr(encoded, 0, 26), T.uint8)
+    is_png = T.equal(T.strings.substr(encoded, 0, 8), PNG_SIGNATURE)
+    return is_png, T.cast(header[24], T.int32), T.cast(header[25], T.int32)
+
+
+def decode_labels(encoded):
+    """encoded label map (grey PNG, value = class id) -> (uint8 [H, W, C] as stored, eight_bit bool []).
+
+    The channels are kept rather than converted, so that a colour or palette map shows up as C != 1 (the
+    caller rejects it) instead of becoming luminance values that look like class ids. eight_bit is False
+    for a PNG of another bit depth: decoding to uint8 would scale a 16-bit map's class ids down to 0 or 1
+    (the original's `assert segmentation.mode == "L"` refuses such maps too).
+    """
+    T = tf()
+    is_png, bit_depth, _ = _png_header(encoded)
+    labels = T.io.decode_image(encoded, channels=0, dtype=T.uint8, expand_animations=False)
+    labels.set_shape([None, None, None])
+    return labels, ~is_png | T.equal(bit_depth, 8)
 
 
 def decode_depth(encoded):
@@ -63,10 +76,7 @@ def decode_depth(encoded):
     NaN or inf gives usable=False and an empty map. Raises InvalidArgumentError on truncated or corrupt bytes.
     """
     T = tf()
-    header = T.io.decode_raw(T.strings.substr(encoded, 0, 26), T.uint8)
-    # Indexing raises on a header shorter than 26 bytes: that file is unreadable, not of another format.
-    bit_depth, colour = T.cast(header[24], T.int32), T.cast(header[25], T.int32)
-    is_png = T.equal(T.strings.substr(encoded, 0, 8), PNG_SIGNATURE)
+    is_png, bit_depth, colour = _png_header(encoded)
     grey = is_png & T.equal(colour, _PNG_GREY)
     packed = is_png & T.equal(colour, _PNG_RGBA) & T.equal(bit_depth, 8)
 

@@ -84,8 +84,7 @@ def validation_nll(config, gpt, params, stages, mesh) -> dict | None:
     for i, batch in enumerate(batches):
         if config.eval_batches and i >= config.eval_batches:
             break
-        numeric = {k: v for k, v in batch.items() if k not in ("key", "index")}
-        nll, count = jax.device_get(step(params, data.to_global(numeric, batch_sharding(mesh)), stage_params))
+        nll, count = jax.device_get(step(params, data.to_global(batch, batch_sharding(mesh)), stage_params))
         total, tokens = total + float(nll), tokens + int(count)
     if tokens == 0:
         return None
