@@ -23,6 +23,7 @@ flags.DEFINE_enum("cond_kind", "sos", ["sos", "class", "coord", "segmentation", 
 flags.DEFINE_string("cond_stage", "", "with --gpt: the conditioning VQGAN (segmentation, depth)")
 flags.DEFINE_string("cond_stage_config", "", "YAML of an original conditioning-stage .ckpt")
 flags.DEFINE_integer("train_size", 256, "with --gpt: the training crop in pixels (sets the window)")
+flags.DEFINE_float("cond_drop", 0.0, "with --gpt: the cond_drop it was trained with (--cfg needs > 0)")
 flags.DEFINE_string("out", None, "output folder (default: <workdir>/samples)")
 flags.DEFINE_integer("n", 8, "samples (per class with --classes)")
 flags.DEFINE_integer("batch", 8, "samples drawn together")
@@ -57,6 +58,12 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not FLAGS.workdir and not (FLAGS.gpt and FLAGS.first_stage):
         raise app.UsageError("give --workdir, or --gpt and --first_stage")
+    parts = ("gpt", "first_stage", "first_stage_config", "cond_kind", "cond_stage", "cond_stage_config", "train_size",
+             "cond_drop")
+    given = [f"--{name}" for name in parts if FLAGS[name].present]
+    if FLAGS.workdir and given:
+        raise app.UsageError(f"{', '.join(given)} describe a model given by parts; --workdir's export/net2net.json "
+                             f"already says all that")
     import jax
     import numpy as np
 
@@ -67,7 +74,7 @@ def main(argv):
     model = load(FLAGS.workdir, gpt_dir=FLAGS.gpt, first_stage=FLAGS.first_stage or "",
                  first_stage_config=FLAGS.first_stage_config, cond_kind=FLAGS.cond_kind,
                  cond_stage=FLAGS.cond_stage, cond_stage_config=FLAGS.cond_stage_config,
-                 train_size=FLAGS.train_size)
+                 train_size=FLAGS.train_size, cond_drop=FLAGS.cond_drop)
     # Flags the model's kind of condition has no use for would otherwise be dropped without a word.
     if FLAGS.classes and model.cond_kind != "class":
         raise app.UsageError(f"--classes is for class-conditional models; this one is {model.cond_kind}-conditioned")

@@ -8,7 +8,7 @@ Writes runs/demo/metrics.jsonl (losses, PSNR, codebook usage), runs/demo/images/
 (inputs above, reconstructions below) and the trained model in runs/demo/export/vqgan.
 """
 
-from vqgan_jax.train.config import default_config, improved_codebook
+from vqgan_jax.train.config import default_config, improved_codebook, is_runlocal
 
 
 def get_config(arg=None):
@@ -26,7 +26,7 @@ def get_config(arg=None):
     c.loss.update(disc_start=120, disc_ndf=32, disc_num_layers=2)
     c.optim.base_learning_rate = 2e-5  # the original's 4.5e-6 is tuned for long runs
     improved_codebook(c)
-    if arg == "runlocal":
+    if is_runlocal(arg):
         c.total_steps = 20
         c.loss.disc_start = 10
     return c

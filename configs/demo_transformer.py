@@ -8,6 +8,7 @@ Writes runs/demo_gpt/metrics.jsonl (loss and bits per token, validation bits per
 the trained GPT in runs/demo_gpt/export/gpt.
 """
 
+from vqgan_jax.train.config import is_runlocal
 from vqgan_jax.train.gpt_config import default_config
 
 
@@ -26,6 +27,6 @@ def get_config(arg=None):
     c.checkpoint_every = 100
     c.eval_batches = 4
     c.optim.base_learning_rate = 2.5e-5  # x 16 = 4e-4
-    if arg == "runlocal":
+    if is_runlocal(arg):
         c.total_steps = 20
     return c

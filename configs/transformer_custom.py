@@ -7,6 +7,7 @@ original's SOSProvider), on a VQGAN you trained with configs/vqgan_custom.py.
       --config.first_stage.checkpoint=runs/x/export/vqgan --workdir runs/x_gpt
 """
 
+from vqgan_jax.train.config import is_runlocal
 from vqgan_jax.train.gpt_config import default_config, runlocal
 
 
@@ -16,7 +17,7 @@ def get_config(arg=None):
     c.data.size = 256
     c.cond_stage.update(kind="sos", sos_token=0)
     c.model.update(vocab_size=1024, block_size=256, n_layer=24, n_head=16, n_embd=1024)
-    if arg == "runlocal":
+    if is_runlocal(arg):
         c = runlocal(c)
         c.data.size = 32
         c.model.update(vocab_size=128, block_size=256)

@@ -5,6 +5,7 @@ condition is the crop's position map, area-pooled by 16 and quantised to 1024 le
       --config.first_stage.checkpoint=runs/faceshq_vqgan/export/vqgan --workdir runs/faceshq_gpt
 """
 
+from vqgan_jax.train.config import is_runlocal
 from vqgan_jax.train.gpt_config import default_config, runlocal
 
 
@@ -15,7 +16,7 @@ def get_config(arg=None):
     c.data.random_crop = True
     c.cond_stage.update(kind="coord", n_embed=1024, down_factor=16)
     c.model.update(vocab_size=1024, block_size=512, n_layer=24, n_head=16, n_embd=1024)
-    if arg == "runlocal":
+    if is_runlocal(arg):
         # For the :runlocal VQGANs (32 px crops, f=2, 128 codes): 16 x 16 codes, 2 x 2 coordinate tokens.
         c = runlocal(c)
         c.data.size = 32

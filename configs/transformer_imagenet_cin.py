@@ -6,6 +6,7 @@ heads, 1536 wide, 16384-code vocabulary over the f16_16384 VQGAN): one class tok
       --workdir runs/cin
 """
 
+from vqgan_jax.train.config import is_runlocal
 from vqgan_jax.train.gpt_config import default_config, runlocal
 
 
@@ -18,10 +19,12 @@ def get_config(arg=None):
     c.first_stage.checkpoint = "runs/imagenet_16384/export/vqgan"
     c.cond_stage.update(kind="class", n_classes=1000)
     c.model.update(vocab_size=16384, block_size=256, n_layer=48, n_head=24, n_embd=1536)
-    c.sharding_rules = [(".*kernel", "fsdp"), (".*embedding", "fsdp")]
-    if arg == "runlocal":
+    # Parameters and Adam moments split over every device (1.4B parameters); the batch too.
+    c.mesh = (("data", 1), ("fsdp", -1))
+    c.sharding_rules = ((".*kernel", "fsdp"), (".*embedding", "fsdp"))
+    if is_runlocal(arg):
         c = runlocal(c)
         c.data.size = 32
-        c.sharding_rules = [(".*", "replicate")]
+        c.mesh, c.sharding_rules = (("data", -1), ("fsdp", 1)), ((".*", "replicate"),)
         c.model.update(vocab_size=1000, block_size=257)
     return c

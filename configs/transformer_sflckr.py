@@ -12,6 +12,7 @@ holds 256 condition + 256 image codes at 256 px and f=16).
   python train.py --config configs/transformer_sflckr.py --config.data.codes=runs/codes --workdir runs/gpt
 """
 
+from vqgan_jax.train.config import is_runlocal
 from vqgan_jax.train.gpt_config import default_config, runlocal
 
 
@@ -24,7 +25,7 @@ def get_config(arg=None):
     c.first_stage.checkpoint = "runs/vq/export/vqgan"
     c.cond_stage.update(kind="segmentation", checkpoint="runs/seg/export/vqgan")
     c.model.update(vocab_size=1024, block_size=512, n_layer=24, n_head=16, n_embd=1024)
-    if arg == "runlocal":
+    if is_runlocal(arg):
         # For the :runlocal VQGANs (32 px crops, f=2, 128 codes): 256 + 256 tokens.
         c = runlocal(c)
         c.data.size = 32

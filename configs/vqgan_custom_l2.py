@@ -5,9 +5,9 @@ disc_start, the learning rate scaled to the batch.
   python train.py --config configs/vqgan_custom_l2.py --config.data.path=/my/images --workdir runs/custom_l2
 """
 
-from vqgan_jax.train.config import llamagen_recipe, runlocal, sibling_config
+from vqgan_jax.train.config import is_runlocal, llamagen_recipe, runlocal, sibling_config
 
 
 def get_config(arg=None):
     c = llamagen_recipe(sibling_config(__file__, "vqgan_custom"))
-    return runlocal(c) if arg == "runlocal" else c
+    return runlocal(c) if is_runlocal(arg) else c

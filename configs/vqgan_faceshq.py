@@ -4,7 +4,7 @@ builder: list its images in a text file.
   python train.py --config configs/vqgan_faceshq.py --config.data.path=faceshq_train.txt --workdir runs/faces
 """
 
-from vqgan_jax.train.config import default_config, runlocal
+from vqgan_jax.train.config import default_config, is_runlocal, runlocal
 
 
 def get_config(arg=None):
@@ -14,4 +14,4 @@ def get_config(arg=None):
     c.loss.disc_start = 30001
     c.loss.disc_weight = 0.8
     c.loss.codebook_weight = 1.0
-    return runlocal(c) if arg == "runlocal" else c
+    return runlocal(c) if is_runlocal(arg) else c

@@ -3,7 +3,7 @@
   python train.py --config configs/vqgan_imagenet_f16_1024.py --config.data.data_dir=/tfds --workdir runs/in1k
 """
 
-from vqgan_jax.train.config import default_config, runlocal
+from vqgan_jax.train.config import default_config, is_runlocal, runlocal
 
 
 def get_config(arg=None):
@@ -12,4 +12,4 @@ def get_config(arg=None):
     c.batch_size = 12
     c.loss.disc_start = 250001
     c.loss.disc_weight = 0.8
-    return runlocal(c) if arg == "runlocal" else c
+    return runlocal(c) if is_runlocal(arg) else c

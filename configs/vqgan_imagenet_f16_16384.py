@@ -3,7 +3,7 @@
   python train.py --config configs/vqgan_imagenet_f16_16384.py --config.data.data_dir=/tfds --workdir runs/in16k
 """
 
-from vqgan_jax.train.config import default_config, runlocal
+from vqgan_jax.train.config import default_config, is_runlocal, runlocal
 
 
 def get_config(arg=None):
@@ -13,4 +13,4 @@ def get_config(arg=None):
     c.model.n_embed = 16384
     c.loss.disc_start = 0
     c.loss.disc_weight = 0.75
-    return runlocal(c) if arg == "runlocal" else c
+    return runlocal(c) if is_runlocal(arg) else c

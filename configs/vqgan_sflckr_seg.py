@@ -6,7 +6,7 @@ no discriminator. Its codes condition configs/transformer_sflckr.py.
       --config.data.segmentation_path=/data/sflckr/segmentations --workdir runs/sflckr_seg
 """
 
-from vqgan_jax.train.config import default_config, runlocal
+from vqgan_jax.train.config import default_config, is_runlocal, runlocal
 
 N_LABELS = 182
 
@@ -19,7 +19,7 @@ def get_config(arg=None):
     c.data.n_labels = N_LABELS
     c.data.random_crop = False  # the original's data class takes the centre crop
     c.model.update(embed_dim=256, n_embed=1024, z_channels=256, in_channels=N_LABELS, out_ch=N_LABELS)
-    if arg == "runlocal":
+    if is_runlocal(arg):
         c = runlocal(c)
         c.optim.base_learning_rate = 1e-4  # a smoke run has no time for the original's 4.5e-6
     return c

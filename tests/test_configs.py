@@ -106,3 +106,17 @@ def test_bad_override_fails_before_anything_runs(tmp_path, override, message):
     assert result.returncode != 0
     assert message in result.stderr
     assert not (tmp_path / "w").exists()
+
+
+def test_tuple_fields_override_from_the_command_line_and_a_misspelt_argument_fails():
+    show = ("from absl import app; from ml_collections import config_flags; "
+            "F = config_flags.DEFINE_config_file('config', lock_config=True); "
+            "app.run(lambda _: print(F.value.mesh, F.value.sharding_rules))")
+    result = subprocess.run([sys.executable, "-c", show, "--config=configs/transformer_custom.py:runlocal",
+                             '--config.mesh=(("data", 1), ("fsdp", -1))',
+                             '--config.sharding_rules=((".*kernel", "fsdp"),)'],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHONPATH=ROOT))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "(('data', 1), ('fsdp', -1)) (('.*kernel', 'fsdp'),)"
+    with pytest.raises(ValueError, match="unknown config argument 'runlocl'"):
+        _load("demo").get_config("runlocl")

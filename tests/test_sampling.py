@@ -237,14 +237,20 @@ def test_bad_requests_are_named(small_gpt, window_gpt):
         sample_windowed(wgpt, wparams, jnp.array([[3]]), shape=(16, 16), rng=jax.random.PRNGKey(0), prefill_chunk=0)
 
 
-def test_generate_refuses_grids_below_the_window_and_given_codes_that_are_no_prefix(small_gpt):
+def test_generate_refuses_what_the_model_cannot_sample(small_gpt):
+    """Grids below the window, given codes that are no prefix, guidance without cond_drop, unknown classes."""
     from vqgan_jax.models import VQGAN
-    from vqgan_jax.sampling.generate import Net2Net, _given_prefix, generate
+    from vqgan_jax.sampling.generate import Net2Net, _given_prefix, condition, generate
 
     vq = VQGAN(ch=8, ch_mult=(1, 1), num_res_blocks=1, attn_resolutions=(), resolution=16, n_embed=16)
     model = Net2Net(*small_gpt, vq, None, "sos", {}, train_size=16)  # window 8
     with pytest.raises(ValueError, match=r"grid \(4, 8\) is smaller than the training window 8x8"):
         generate(model, jnp.zeros((1, 1), jnp.int32), (4, 8), jax.random.PRNGKey(0))
+    with pytest.raises(ValueError, match="guidance needs a model trained with cond_drop > 0"):
+        generate(model, jnp.zeros((1, 1), jnp.int32), (8, 8), jax.random.PRNGKey(0), cfg_scale=2.0)
+    classes = Net2Net(*small_gpt, vq, None, "class", {"n_classes": 10}, train_size=16)
+    with pytest.raises(ValueError, match=r"classes \[3, 12\] outside the model's 0..9"):
+        condition(classes, 2, (8, 8), classes=np.array([3, 12]))
     np.testing.assert_array_equal(_given_prefix(np.array([[1, 2, -1, -1], [3, 4, -1, -1]])), [[1, 2], [3, 4]])
     for flat in ([[1, 2, 3, 4], [1, 2, -1, -1]], [[1, -1, 2, -1]], [[1, -1, -1], [1, 2, -1]]):
         with pytest.raises(ValueError, match="raster-order prefix"):
@@ -285,3 +291,6 @@ def test_sample_cli_writes_a_wider_image_than_the_training_crop(tmp_path):
     result = subprocess.run([sys.executable, "sample.py", "--workdir", str(tmp_path / "run"), "--classes", "1"],
                             cwd=root, capture_output=True, text=True, timeout=600, env=dict(os.environ, PYTHONPATH=root))
     assert result.returncode != 0 and "--classes is for class-conditional models; this one is sos" in result.stderr
+    result = subprocess.run([sys.executable, "sample.py", "--workdir", str(tmp_path / "run"), "--train_size", "32"],
+                            cwd=root, capture_output=True, text=True, timeout=600, env=dict(os.environ, PYTHONPATH=root))
+    assert result.returncode != 0 and "--train_size describe a model given by parts" in result.stderr

@@ -92,6 +92,44 @@ def test_checkpoint_after_an_error_only_of_an_intact_state(tmp_path):
     checkpointer.close()
 
 
+def test_mesh_sharding_and_loop_settings_fail_early_with_their_names(monkeypatch):
+    import types
+
+    import jax.numpy as jnp
+
+    from vqgan_jax.train import loop
+    from vqgan_jax.train.config import default_config
+    from vqgan_jax.train.sharding import make_mesh, tree_shardings
+
+    one = jax.devices()[:1]
+    with pytest.raises(ValueError, match="axis names must differ"):
+        make_mesh((("data", 1), ("data", -1)), one)
+    with pytest.raises(ValueError, match="positive integers"):
+        make_mesh((("data", 0),), one)
+    mesh = make_mesh((("data", -1), ("fsdp", 1)), one)
+    tree = {"kernel": jnp.zeros((4, 4))}
+    with pytest.raises(ValueError, match="sharding rule 'fdsp'"):
+        tree_shardings(tree, mesh, ((".*", "fdsp"),))
+    with pytest.raises(ValueError, match=r"names \['model'\], not axes of the mesh"):
+        tree_shardings(tree, mesh, ((".*", ("model", None)),))
+
+    config = default_config()
+    config.batch_size = 6
+    four = types.SimpleNamespace(size=4, shape={"data": 4})
+    with pytest.raises(ValueError, match="batch_size=6 is not divisible by the 4 devices"):
+        loop.check_run(config, four)
+    config.batch_size, config.checkpoint_every = 8, 0
+    with pytest.raises(ValueError, match="checkpoint_every=0 must be >= 1"):
+        loop.check_run(config, four)
+
+    calls = []  # from_environment: the launcher's variables, read by an argument-free initialize()
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **k: calls.append((a, k)))
+    config.distributed.from_environment = True
+    loop.initialize_distributed(config)
+    assert calls == [((), {})]
+
+
 def _images(folder, n=12, size=40):
     os.makedirs(folder, exist_ok=True)
     rng = np.random.default_rng(0)

@@ -347,6 +347,18 @@ def test_encode_writes_the_first_stage_codes_and_training_reads_images_or_codes(
         assert (tmp_path / workdir / "images" / "samples_0000002.png").exists()
 
 
+def test_export_meta_names_the_stages_by_absolute_path(tiny_first_stage, tmp_path, monkeypatch):
+    from vqgan_jax.train.transformer_loop import export_meta
+
+    config = _image_config(tiny_first_stage[0])
+    config.cond_drop = 0.1
+    monkeypatch.chdir(tiny_first_stage[0])
+    config.first_stage.checkpoint = "vq"
+    meta = export_meta(config)
+    assert meta["first_stage"]["checkpoint"] == str(tiny_first_stage[0] / "vq")
+    assert (meta["cond_drop"], meta["data_size"], meta["cond_stage"]["kind"]) == (0.1, 16, "sos")
+
+
 def test_missing_first_stage_is_named(tiny_first_stage, tmp_path):
     from vqgan_jax.train import run
 

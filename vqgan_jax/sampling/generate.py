@@ -27,6 +27,7 @@ class Net2Net:
     train_size: int            # the training crop in pixels: its code grid is the window
     cond_vq: Any = None
     cond_params: Any = None
+    cond_drop: float = 0.0     # as trained: classifier-free guidance needs a model that has seen the null token
 
     @property
     def window(self) -> int:
@@ -35,9 +36,11 @@ class Net2Net:
 
 def load(workdir: str | None = None, *, gpt_dir: str | None = None, first_stage: str = "",
          first_stage_config: str = "", cond_kind: str = "sos", cond_stage: str = "", cond_stage_config: str = "",
-         train_size: int = 256, sos_token: int = 0, coord_n_embed: int = 1024, down_factor: int = 16) -> Net2Net:
+         train_size: int = 256, sos_token: int = 0, coord_n_embed: int = 1024, down_factor: int = 16,
+         cond_drop: float = 0.0) -> Net2Net:
     """A transformer training workdir (its export/gpt and export/net2net.json), or the parts by path:
-    gpt_dir (a saved GPT, e.g. converted from an original checkpoint) and the first stage."""
+    gpt_dir (a saved GPT, e.g. converted from an original checkpoint) and the first stage; cond_drop: the
+    probability the GPT was trained with (0 for the original's models)."""
     from vqgan_jax.pretrained import load_pretrained
     from vqgan_jax.train.stages import load_vqgan
 
@@ -53,11 +56,13 @@ def load(workdir: str | None = None, *, gpt_dir: str | None = None, first_stage:
         cond_config = dict(meta["cond_stage"])
         cond_stage, cond_stage_config = cond_config.pop("checkpoint"), cond_config.pop("config")
         train_size = meta["data_size"]
+        cond_drop = meta.get("cond_drop", 0.0)
     if not gpt_dir:
         raise ValueError("give a transformer workdir, or gpt_dir and first_stage")
     gpt, variables = load_pretrained(gpt_dir)
     vq, vq_params = load_vqgan(first_stage, first_stage_config, "first_stage")
-    model = Net2Net(gpt, variables["params"], vq, vq_params, cond_config["kind"], cond_config, train_size)
+    model = Net2Net(gpt, variables["params"], vq, vq_params, cond_config["kind"], cond_config, train_size,
+                    cond_drop=cond_drop)
     if model.cond_kind in net2net.VQ_COND_KINDS:
         model.cond_vq, model.cond_params = load_vqgan(cond_stage, cond_stage_config, "cond_stage")
     return model
@@ -73,6 +78,9 @@ def condition(model: Net2Net, batch: int, grid: tuple[int, int], *, classes=None
     if kind == "class":
         if classes is None:
             raise ValueError("a class-conditional model needs classes")
+        n_classes = c.get("n_classes")
+        if n_classes and (np.min(classes) < 0 or np.max(classes) >= n_classes):
+            raise ValueError(f"classes {sorted(set(np.ravel(classes).tolist()))} outside the model's 0..{n_classes - 1}")
         return jnp.asarray(classes, jnp.int32).reshape(batch, 1)
     if kind == "coord":
         h, w = grid
@@ -125,6 +133,9 @@ def generate(model: Net2Net, cond, grid: tuple[int, int], rng, *, given=None, pr
         raise ValueError(f"the code grid {grid} is smaller than the training window {window}x{window}: sample "
                          f"at least the training size")
     sampling.setdefault("num_codes", model.vq.n_embed)
+    if sampling.get("cfg_scale", 1.0) != 1.0 and not model.cond_drop:
+        raise ValueError("classifier-free guidance needs a model trained with cond_drop > 0: this one has never "
+                         "seen the null condition")
     plain = cond.ndim == 2 and (h, w) == (window, window) and cond.shape[1] + h * w - 1 <= model.gpt.block_size
     if plain:
         keep = None

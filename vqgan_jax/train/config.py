@@ -60,11 +60,14 @@ def default_config() -> ml_collections.ConfigDict:
         base_learning_rate=4.5e-6,  # x global batch size, as the original
         b1=0.5, b2=0.9, schedule="constant", warmup_steps=0, grad_clip=0.0, ema_decay=0.0))
 
-    c.mesh = [("data", -1), ("fsdp", 1)]
-    c.sharding_rules = [(".*", "replicate")]  # e.g. [(".*params.*kernel", "fsdp")] with an fsdp axis > 1
+    c.mesh = (("data", -1), ("fsdp", 1))  # tuples, so that the command line can override them
+    # e.g. ((".*kernel", "fsdp"),) with an fsdp axis > 1: the kernels and their Adam moments split.
+    c.sharding_rules = ((".*", "replicate"),)
 
-    # Multi-host: jax.distributed.initialize(coordinator_address, num_processes, process_id) when set.
-    c.distributed = ml_collections.ConfigDict(dict(coordinator_address="", num_processes=1, process_id=0))
+    # Multi-host: jax.distributed.initialize(coordinator_address, num_processes, process_id) when set, or
+    # jax.distributed.initialize() reading a launcher's environment (Slurm, Open MPI, TPU) with from_environment.
+    c.distributed = ml_collections.ConfigDict(dict(coordinator_address="", num_processes=1, process_id=0,
+                                                   from_environment=False))
     return c
 
 
@@ -100,6 +103,16 @@ def llamagen_recipe(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.optim.update(base_learning_rate=1e-4 / 128, b1=0.9, b2=0.95, grad_clip=1.0)
     c.loss.update(pixel_loss="l2", perceptual_weight=1.0, disc_weight=0.5, adaptive_weight=False)
     return c
+
+
+def is_runlocal(arg) -> bool:
+    """A config file's argument (`--config configs/x.py:ARG`): "runlocal" or none; anything else is an
+    error, so that a misspelt one does not start the full run."""
+    if arg in (None, ""):
+        return False
+    if arg != "runlocal":
+        raise ValueError(f"unknown config argument {arg!r}: the configs take ':runlocal' or nothing")
+    return True
 
 
 def runlocal(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

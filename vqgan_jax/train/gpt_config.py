@@ -45,11 +45,12 @@ def default_config() -> ml_collections.ConfigDict:
         b1=0.9, b2=0.95, weight_decay=0.01, schedule="constant", warmup_steps=0, grad_clip=0.0,
         grad_accum=1))              # the batch is split into grad_accum micro-batches per update
 
-    c.mesh = [("data", -1), ("fsdp", 1)]
-    # e.g. [(".*kernel", "fsdp"), (".*embedding", "fsdp")] with an fsdp axis > 1: parameters and their
+    c.mesh = (("data", -1), ("fsdp", 1))  # tuples, so that the command line can override them
+    # e.g. ((".*kernel", "fsdp"), (".*embedding", "fsdp")) with an fsdp axis > 1: parameters and their
     # optimiser moments split over the fsdp devices.
-    c.sharding_rules = [(".*", "replicate")]
-    c.distributed = ml_collections.ConfigDict(dict(coordinator_address="", num_processes=1, process_id=0))
+    c.sharding_rules = ((".*", "replicate"),)
+    c.distributed = ml_collections.ConfigDict(dict(coordinator_address="", num_processes=1, process_id=0,
+                                                   from_environment=False))  # as in train/config.py
     return c
 
 

@@ -36,9 +36,23 @@ def label_colours(maps):
 
 def initialize_distributed(config) -> None:
     d = config.distributed
-    if d.coordinator_address and not jax.distributed.is_initialized():
+    if jax.distributed.is_initialized():
+        return
+    if d.coordinator_address:
         jax.distributed.initialize(coordinator_address=d.coordinator_address,
                                    num_processes=d.num_processes, process_id=d.process_id)
+    elif d.get("from_environment", False):
+        jax.distributed.initialize()  # the cluster's address, size and rank from the launcher's variables
+
+
+def check_run(config, mesh) -> None:
+    """Loop settings that would otherwise fail only once training has started: ValueError naming them."""
+    for field in ("log_every", "checkpoint_every"):
+        if config[field] < 1:
+            raise ValueError(f"{field}={config[field]} must be >= 1 (it is a step interval)")
+    if config.batch_size % mesh.size:
+        raise ValueError(f"batch_size={config.batch_size} is not divisible by the {mesh.size} devices of the mesh "
+                         f"{dict(mesh.shape)}: the batch is split evenly over them")
 
 
 def run_step(step_fn, state, args, timed: bool):
@@ -85,6 +99,7 @@ def _setup(config, workdir):
     codebook.check_config(config)
     initialize_distributed(config)
     mesh = make_mesh(config.mesh)
+    check_run(config, mesh)
     models = build_models(config)
     lpips_params = jax.device_put(load_lpips_params(config.lpips_path or None), replicated(mesh))
     checkpointer = Checkpointer(workdir, config.keep_checkpoints)

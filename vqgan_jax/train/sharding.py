@@ -1,7 +1,7 @@
 """Device mesh and sharding rules, both taken from the config.
 
-`config.mesh`: axes as [(name, size)], one size may be -1 ("the rest"), e.g. [("data", -1), ("fsdp", 1)].
-`config.sharding_rules`: [(regex, spec)] matched in order against a leaf's path ("gen_params/decoder/
+`config.mesh`: axes as ((name, size), ...), one size may be -1 ("the rest"), e.g. (("data", -1), ("fsdp", 1)).
+`config.sharding_rules`: ((regex, spec), ...) matched in order against a leaf's path ("gen_params/decoder/
 conv_out/kernel"); spec is "replicate", "fsdp" (split the largest dimension divisible by the fsdp axis)
 or a tuple of mesh-axis names / None per dimension. Leaves that match no rule are replicated.
 Batches are split over every mesh axis.
@@ -18,6 +18,10 @@ def make_mesh(axes, devices=None) -> Mesh:
     devices = np.asarray(devices if devices is not None else jax.devices())
     names = [name for name, _ in axes]
     sizes = [size for _, size in axes]
+    if len(set(names)) != len(names):
+        raise ValueError(f"mesh {axes}: axis names must differ")
+    if any(s != -1 and (not isinstance(s, int) or s < 1) for s in sizes):
+        raise ValueError(f"mesh {axes}: axis sizes must be positive integers (or -1 for the rest)")
     if sizes.count(-1) > 1:
         raise ValueError(f"mesh {axes}: at most one axis may have size -1")
     known = int(np.prod([s for s in sizes if s != -1]))
@@ -48,9 +52,14 @@ def _spec_for(shape, rule, mesh: Mesh) -> P:
         spec = [None] * len(shape)
         spec[dims[0]] = "fsdp"
         return P(*spec)
+    if isinstance(rule, str):
+        raise ValueError(f"sharding rule {rule!r}: use 'replicate', 'fsdp' or a tuple of mesh axes / None per dimension")
     rule = tuple(rule)
     if len(rule) != len(shape):
         raise ValueError(f"sharding spec {rule} has {len(rule)} entries for a leaf of shape {shape}")
+    unknown = [a for a in rule if a is not None and a not in mesh.axis_names]
+    if unknown:
+        raise ValueError(f"sharding spec {rule} names {unknown}, not axes of the mesh {tuple(mesh.axis_names)}")
     return P(*rule)
 
 

@@ -16,7 +16,7 @@ from vqgan_jax.data.codes import code_batches, code_eval_batches
 from vqgan_jax.pretrained import save_pretrained
 from vqgan_jax.train.checkpoint import Checkpointer, abstract_with_shardings
 from vqgan_jax.train.logging import MetricWriter, Progress
-from vqgan_jax.train.loop import _StopRequest, initialize_distributed, log_step, run_step
+from vqgan_jax.train.loop import _StopRequest, check_run, initialize_distributed, log_step, run_step
 from vqgan_jax.train.sharding import batch_sharding, make_mesh, replicated
 from vqgan_jax.train.stages import check_code_cache, check_config, load_stages, load_vqgan
 from vqgan_jax.train.transformer import (build_gpt, create_state, jit_train_step, make_eval_step, optimizer,
@@ -46,6 +46,7 @@ def _setup(config, workdir):
     check_config(config)
     initialize_distributed(config)
     mesh = make_mesh(config.mesh)
+    check_run(config, mesh)
     gpt, tx = build_gpt(config), optimizer(config)
     checkpointer = Checkpointer(workdir, config.keep_checkpoints)
     rng = jax.random.PRNGKey(config.seed)
@@ -115,6 +116,21 @@ def sample_grid(config, gpt, params, batch, stages, first, rng):
     return vq.apply({"params": vq_params}, drawn.reshape(-1, side, side), method=vq.decode_indices)
 
 
+def export_meta(config) -> dict:
+    """export/net2net.json: what sampling needs beside the GPT. Stage paths are made absolute, so that
+    `sample.py --workdir` works from any directory."""
+    def stage(c):
+        c = c.to_dict()
+        if c.get("checkpoint") and os.path.exists(c["checkpoint"]):
+            c["checkpoint"] = os.path.abspath(c["checkpoint"])
+        if c.get("config") and os.path.exists(c["config"]):
+            c["config"] = os.path.abspath(c["config"])
+        return c
+
+    return {"first_stage": stage(config.first_stage), "cond_stage": stage(config.cond_stage),
+            "data_size": config.data.size, "cond_drop": config.cond_drop}
+
+
 def run(config, workdir: str):
     """Trains until `config.total_steps`, resuming from the last checkpoint in `workdir` if there is one."""
     os.makedirs(workdir, exist_ok=True)
@@ -164,8 +180,7 @@ def run(config, workdir: str):
             save_pretrained(os.path.join(export, "gpt"), gpt, {"params": params})
             if is_main:
                 with open(os.path.join(export, "net2net.json"), "w") as f:
-                    json.dump({"first_stage": config.first_stage.to_dict(), "cond_stage": config.cond_stage.to_dict(),
-                               "data_size": config.data.size}, f, indent=2)
+                    json.dump(export_meta(config), f, indent=2)
     except Exception:
         checkpointer.save_after_error(state, step)
         raise
