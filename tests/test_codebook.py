@@ -212,9 +212,9 @@ def test_train_step_ema_codebook_and_fixed_gan_weight():
     assert np.all(np.asarray(after.lecam) != 0)
     assert int(metrics["codes_used_window"]) == int(np.count_nonzero(counts))
     # The discriminator's optimiser counts from the global step, as the original's (see steps.py).
-    counts = [int(x) for p, x in jax.tree_util.tree_flatten_with_path(after.disc_opt_state)[0]
-              if getattr(p[-1], "name", None) == "count"]
-    assert counts and set(counts) == {6}
+    counters = [int(x) for p, x in jax.tree_util.tree_flatten_with_path(after.disc_opt_state)[0]
+                if getattr(p[-1], "name", None) == "count"]
+    assert counters and set(counters) == {6}
 
 
 @pytest.mark.slow  # 1.5-2.5 min on 2 CPU cores with a cold compile cache: CI's slow step

@@ -79,24 +79,24 @@ def read_config(config) -> dict:
 _UNSUPPORTED_VQ = {"GumbelVQ": "a Gumbel-softmax quantiser", "EMAVQ": "an EMA codebook with its own buffers"}
 
 
-def model_target(config) -> str:
-    """The `target` class path of a model config (its innermost wrapper's), or ""."""
-    config = read_config(config)
+def _unwrap(config: dict) -> tuple[str, dict]:
+    """Steps through `model:` and `{target, params}` wrappers -> (the innermost target or "", its params)."""
     if "model" in config and isinstance(config["model"], Mapping):
         config = dict(config["model"])
     target = ""
     while "target" in config and isinstance(config.get("params"), Mapping):
         target, config = str(config["target"]), dict(config["params"])
-    return target
+    return target, config
+
+
+def model_target(config) -> str:
+    """The `target` class path of a model config (its innermost wrapper's), or ""."""
+    return _unwrap(read_config(config))[0]
 
 
 def unwrap_config(config: dict) -> dict:
     """Steps through `model:` and `{target, params}` wrappers to the parameters."""
-    if "model" in config and isinstance(config["model"], Mapping):
-        config = dict(config["model"])
-    while "target" in config and isinstance(config.get("params"), Mapping):
-        config = dict(config["params"])
-    return config
+    return _unwrap(config)[1]
 
 
 def vqgan_config(model_params) -> dict:

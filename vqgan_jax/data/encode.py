@@ -78,7 +78,7 @@ def encode(config, out: str, split: str = "train", passes: float = 1.0, overwrit
     writer = CodeWriter(out, max(config.model.vocab_size, 1), jax.process_index())
     shapes = None
     for batch in batches:
-        numeric = {k: v for k, v in batch.items() if k not in ("key", "index", "mask")}
+        numeric = {k: v for k, v in batch.items() if k != "mask"}
         codes, cond = encode_batch(data.to_global(numeric, batch_sharding(mesh)), stage_params)
         codes, cond = _local_rows(codes), _local_rows(cond)
         factor = stage_models[0].downsample_factor
