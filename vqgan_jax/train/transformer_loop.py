@@ -121,10 +121,9 @@ def export_meta(config) -> dict:
     `sample.py --workdir` works from any directory."""
     def stage(c):
         c = c.to_dict()
-        if c.get("checkpoint") and os.path.exists(c["checkpoint"]):
-            c["checkpoint"] = os.path.abspath(c["checkpoint"])
-        if c.get("config") and os.path.exists(c["config"]):
-            c["config"] = os.path.abspath(c["config"])
+        for path in ("checkpoint", "config"):
+            if c.get(path) and os.path.exists(c[path]):
+                c[path] = os.path.abspath(c[path])
         return c
 
     return {"first_stage": stage(config.first_stage), "cond_stage": stage(config.cond_stage),
