@@ -7,10 +7,13 @@
       --config.first_stage.checkpoint=runs/x/export/vqgan --config.data.path=/my/images --workdir runs/gpt
 
 Every config field can be overridden with --config.<field>=<value>; an unknown field or a value of the
-wrong type fails before anything runs. A run resumes from the last checkpoint in --workdir.
+wrong type fails before anything runs. A run resumes from the last checkpoint in --workdir, with the config
+it was started with (or pass --allow_config_changes). Stopped by SIGTERM or SIGINT, it saves and exits with
+128 + the signal's number (143, 130), as a process killed by it: not finished, to be run again.
 """
 
 import json
+import sys
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -18,6 +21,7 @@ from ml_collections import config_flags
 config_flags.DEFINE_config_file("config", None, "experiment config file, e.g. configs/demo.py[:arg]", lock_config=True)
 flags.DEFINE_string("workdir", None, "directory for checkpoints, logs, images and the exported model")
 flags.DEFINE_enum("mode", "train", ["train", "eval"], "train, or evaluate the last checkpoint")
+flags.DEFINE_bool("allow_config_changes", False, "resume a run whose config was changed since it started")
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
@@ -29,7 +33,11 @@ def main(argv):
 
     config = FLAGS.config
     if FLAGS.mode == "train":
-        train.run(config, FLAGS.workdir)
+        try:
+            train.run(config, FLAGS.workdir, FLAGS.allow_config_changes)
+        except train.Interrupted as stopped:
+            print(stopped, file=sys.stderr, flush=True)
+            sys.exit(128 + stopped.signum)
     else:
         print(json.dumps(train.evaluate(config, FLAGS.workdir)))
 

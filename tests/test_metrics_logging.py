@@ -136,7 +136,16 @@ def test_metric_writer_writes_jsonl_png_and_tensorboard(tmp_path):
     # A resumed run appends to the same log.
     with MetricWriter(workdir) as writer:
         writer.write_scalars(3, {"loss": 0.125})
-    assert [r["step"] for r in read_jsonl(os.path.join(workdir, "metrics.jsonl"))] == [1, 2, 3]
+    log = os.path.join(workdir, "metrics.jsonl")
+    assert [r["step"] for r in read_jsonl(log)] == [1, 2, 3]
+
+    # A run killed after step 3 (last checkpoint: step 1) mid-line resumes from step 1: steps 2 and 3 are
+    # logged again, so their first records go, and so does the cut line.
+    with open(log, "a") as f:
+        f.write('{"step": 4, "lo')
+    with MetricWriter(workdir, resume_step=1) as writer:
+        writer.write_scalars(2, {"loss": 0.75})
+    assert [(r["step"], r["loss"]) for r in read_jsonl(log)] == [(1, 0.5), (2, 0.75)]
 
 
 def test_tensorboard_events_hold_the_values(tmp_path):

@@ -121,6 +121,10 @@ def test_mesh_sharding_and_loop_settings_fail_early_with_their_names(monkeypatch
     config.batch_size, config.checkpoint_every = 8, 0
     with pytest.raises(ValueError, match="checkpoint_every=0 must be >= 1"):
         loop.check_run(config, four)
+    config.checkpoint_every, config.keep_checkpoints = 10, 0
+    with pytest.raises(ValueError, match="keep_checkpoints=0 must be >= 1"):
+        loop.check_run(config, four)
+    assert bool(loop.any_process(True)) and not bool(loop.any_process(False))  # one process: its own flag
 
     calls = []  # from_environment: the launcher's variables, read by an argument-free initialize()
     monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
@@ -197,7 +201,8 @@ def _free_port():
 
 @pytest.mark.slow
 def test_two_processes_train_to_identical_parameters(tmp_path):
-    """Two local CPU processes (jax.distributed, gloo collectives) each read their half of the batch."""
+    """Two local CPU processes (jax.distributed, gloo collectives) each read their half of the batch; a
+    SIGTERM to one stops both at the same step."""
     data_path = _images(str(tmp_path / "images"))
     port = _free_port()
     script = os.path.join(ROOT, "tests", "multihost_worker.py")
@@ -205,6 +210,9 @@ def test_two_processes_train_to_identical_parameters(tmp_path):
     procs = [_run_python([script, data_path, workdir, f"127.0.0.1:{port}", str(i)]) for i in range(2)]
     for proc in procs:
         _finish(proc)
+    for i in range(2):  # the signal reached one process; both stopped at the same step, and resumed
+        with open(os.path.join(workdir, f"stopped_{i}.txt")) as f:
+            assert f.read() == "2"
     a, b = (np.load(os.path.join(workdir, f"params_{i}.npz")) for i in range(2))
     assert sorted(a.files) == sorted(b.files) and len(a.files) > 10
     for key in a.files:

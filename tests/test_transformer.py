@@ -242,13 +242,41 @@ def _loop_config(cache, steps):
     return config
 
 
-def test_training_from_a_code_cache_learns_and_resumes_exactly(tmp_path):
-    from vqgan_jax.train import run
+def test_training_from_a_code_cache_learns_and_resumes_exactly(tmp_path, monkeypatch):
+    """6 steps straight == 3 steps stopped by SIGTERM, then resumed; a resume with another config is
+    refused, and a damaged checkpoint is named."""
+    import signal
+
+    from vqgan_jax.train import Interrupted, run, transformer_loop
     from vqgan_jax.train.logging import read_jsonl
 
     _write_cache(tmp_path / "cache", n=16)
     straight = run(_loop_config(tmp_path / "cache", 6), str(tmp_path / "a"))
-    run(_loop_config(tmp_path / "cache", 3), str(tmp_path / "b"))
+
+    step_fn, calls = transformer_loop.run_step, []
+
+    def preempted_after_three(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return step_fn(*args)
+
+    monkeypatch.setattr(transformer_loop, "run_step", preempted_after_three)
+    with pytest.raises(Interrupted, match="SIGTERM at step 3") as stopped:
+        run(_loop_config(tmp_path / "cache", 6), str(tmp_path / "b"))
+    assert stopped.value.step == 3 and stopped.value.signum == signal.SIGTERM
+    monkeypatch.setattr(transformer_loop, "run_step", step_fn)
+
+    changed = _loop_config(tmp_path / "cache", 6)
+    changed.batch_size, changed.pkeep = 8, 0.5
+    with pytest.raises(ValueError, match=r"batch_size: 4 -> 8; pkeep: 1.0 -> 0.5\). Resuming"):
+        run(changed, str(tmp_path / "b"))
+    cosine = _loop_config(tmp_path / "cache", 6)  # a cosine schedule's length is total_steps
+    cosine.optim.schedule = "cosine"
+    with pytest.raises(ValueError, match="total_steps: 6 -> 9"):
+        cosine.total_steps = 9
+        run(cosine, str(tmp_path / "b"))
+
     resumed = run(_loop_config(tmp_path / "cache", 6), str(tmp_path / "b"))
     assert int(resumed.step) == 6
     for a, b in zip(jax.tree.leaves(straight.params), jax.tree.leaves(resumed.params)):
@@ -258,6 +286,13 @@ def test_training_from_a_code_cache_learns_and_resumes_exactly(tmp_path):
     assert losses[-1] < losses[0]  # the cache's codes are a simple pattern
     assert any("val_bits_per_token" in r for r in log)
     assert os.path.exists(tmp_path / "a" / "export" / "gpt" / "config.json")
+    assert [r["step"] for r in read_jsonl(str(tmp_path / "b" / "metrics.jsonl")) if "loss" in r] == [1, 2, 3, 4, 5, 6]
+
+    for root, _, files in os.walk(tmp_path / "b" / "checkpoints" / "6"):  # a disk that lost the last save
+        for name in files:
+            open(os.path.join(root, name), "w").close()
+    with pytest.raises(RuntimeError, match=r"checkpoints/6' could not be restored .* remove it to resume from step 3"):
+        run(_loop_config(tmp_path / "cache", 8), str(tmp_path / "b"))
 
 
 def test_a_loop_stopped_by_a_data_error_keeps_its_last_step(tmp_path, monkeypatch):

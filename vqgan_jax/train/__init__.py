@@ -5,6 +5,7 @@
 
 from vqgan_jax.train import loop, transformer_loop
 from vqgan_jax.train.config import default_config, runlocal
+from vqgan_jax.train.loop import Interrupted
 
 
 def _loop(config):
@@ -14,12 +15,12 @@ def _loop(config):
     return transformer_loop if stage == "transformer" else loop
 
 
-def run(config, workdir: str):
-    return _loop(config).run(config, workdir)
+def run(config, workdir: str, allow_config_changes: bool = False):
+    return _loop(config).run(config, workdir, allow_config_changes)
 
 
 def evaluate(config, workdir: str) -> dict:
     return _loop(config).evaluate(config, workdir)
 
 
-__all__ = ["run", "evaluate", "default_config", "runlocal"]
+__all__ = ["run", "evaluate", "Interrupted", "default_config", "runlocal"]

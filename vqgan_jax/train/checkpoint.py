@@ -46,8 +46,17 @@ class Checkpointer:
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory!r}")
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+        except Exception as e:  # orbax's and tensorstore's errors name neither the step nor what to do
+            earlier = [s for s in self.manager.all_steps() if s < step]
+            way_out = (f"remove it to resume from step {max(earlier)}" if earlier else
+                       "no earlier checkpoint is kept")
+            detail = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+            raise RuntimeError(f"checkpoint {os.path.join(self.directory, str(step))!r} could not be restored "
+                               f"({detail}): it is damaged or incomplete, or the config's model or optimiser "
+                               f"differs from the run's; {way_out}") from e
         return restored["state"], restored["meta"]
 
     def close(self) -> None:

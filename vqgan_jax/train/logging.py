@@ -71,6 +71,23 @@ def read_jsonl(path: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def _truncate_log(path: str, last_step: int) -> None:
+    """Keeps the records of metrics.jsonl up to `last_step`; rewritten by rename, so a crash leaves either
+    log whole."""
+    kept = []
+    with open(path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if record.get("step", 0) <= last_step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+    with open(path + ".tmp", "w") as f:
+        f.writelines(kept)
+    os.replace(path + ".tmp", path)
+
+
 def _tb_write(writer, tag: str, tensor, step: int, plugin: str, data_class: str) -> None:
     """Writes `tensor` with the SummaryMetadata TensorBoard's own `tf.summary.scalar` / `image` attach
     (their plugin data, version 0, serialises to b""). Done by hand because tensorflow-cpu does not
@@ -92,15 +109,20 @@ class MetricWriter:
     TensorBoard's writer is created at the first write: importing TensorFlow costs seconds.
     """
 
-    def __init__(self, workdir: str, enabled: bool = True):
+    def __init__(self, workdir: str, enabled: bool = True, resume_step: int | None = None):
+        """resume_step: the step a run resumes from. Records past it (logged by a run killed after its last
+        checkpoint, and about to be logged again) are dropped from metrics.jsonl, as is a line cut short."""
         self.workdir = workdir
         self.enabled = enabled
         self._jsonl = None
         self._tb = None
         if enabled:
             os.makedirs(workdir, exist_ok=True)
+            path = os.path.join(workdir, "metrics.jsonl")
+            if resume_step is not None and os.path.exists(path):
+                _truncate_log(path, resume_step)
             # Append: a resumed run continues the same log.
-            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+            self._jsonl = open(path, "a")
 
     def _summary_writer(self):
         if self._tb is None:

@@ -4,6 +4,7 @@ Sections: distributed set-up, mesh, models and state (born sharded, or restored)
 logging, checkpoints (periodic, on SIGTERM/SIGINT, at the end) and the generator's export.
 """
 
+import functools
 import json
 import os
 import signal
@@ -13,7 +14,8 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from vqgan_jax import data
 from vqgan_jax.metrics import EvalAccumulator
@@ -25,6 +27,7 @@ from vqgan_jax.train.logging import MetricWriter, Progress
 from vqgan_jax.train.sharding import batch_sharding, make_mesh, replicated
 from vqgan_jax.train.state import build_models, create_state, state_shapes
 from vqgan_jax.train.steps import jit_train_step, make_eval_step, model_input, phase
+from vqgan_jax.train.workdir import check_resume, has_checkpoint, write_config
 
 
 def label_colours(maps):
@@ -50,6 +53,8 @@ def check_run(config, mesh) -> None:
     for field in ("log_every", "checkpoint_every"):
         if config[field] < 1:
             raise ValueError(f"{field}={config[field]} must be >= 1 (it is a step interval)")
+    if config.keep_checkpoints < 1:  # orbax would delete every checkpoint, the last one included
+        raise ValueError(f"keep_checkpoints={config.keep_checkpoints} must be >= 1")
     if config.batch_size % mesh.size:
         raise ValueError(f"batch_size={config.batch_size} is not divisible by the {mesh.size} devices of the mesh "
                          f"{dict(mesh.shape)}: the batch is split evenly over them")
@@ -73,33 +78,73 @@ def log_step(step: int, config) -> bool:
     return step % config.log_every == 0 or step == config.total_steps
 
 
+class Interrupted(Exception):
+    """Raised by `run` when SIGTERM or SIGINT stopped it before `total_steps`, after it saved the step it had
+    reached: the run is not finished (a job scheduler must not take it for done), and running it again
+    resumes it."""
+
+    def __init__(self, step: int, signum: int):
+        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}; its checkpoint is saved, "
+                         f"and the same command resumes the run")
+        self.step, self.signum = step, signum
+
+
 class _StopRequest:
     """Turns SIGTERM/SIGINT into a flag the loop reads at step boundaries, so it saves before leaving."""
 
     def __init__(self):
         self.event = threading.Event()
+        self.signum = None
         self._previous = {}
+        self._pending = None
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
-                self._previous[sig] = signal.signal(sig, lambda *_: self.event.set())
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.signum = self.signum or signum
+        self.event.set()
 
     def requested(self) -> bool:
-        # Every host must stop at the same step, or the collective save would hang.
-        flag = np.asarray(self.event.is_set(), np.int32)
-        if jax.process_count() > 1:
-            flag = multihost_utils.process_allgather(flag).max()
-        return bool(flag)
+        if jax.process_count() == 1:
+            return self.event.is_set()
+        # Every host must stop at the same step, or the collective save would hang, so the hosts' flags
+        # go through a collective. Reading it at once would wait for the step queued before it, every
+        # step; it is read one call later instead, when that step is done and the next one is queued.
+        previous, self._pending = self._pending, any_process(self.event.is_set())
+        if previous is not None and bool(np.asarray(previous)):
+            self.signum = self.signum or signal.SIGTERM  # another host's signal
+            return True
+        return False
 
     def restore(self):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
 
-def _setup(config, workdir):
+def any_process(flag: bool) -> jax.Array:
+    """-> a replicated bool array: whether `flag` is set on any process (dispatched, not waited for)."""
+    rows, any_fn = _any_process_fn()
+    return any_fn(jax.make_array_from_process_local_data(rows, np.array([flag]), (jax.process_count(),)))
+
+
+@functools.cache
+def _any_process_fn():
+    """-> (sharding of one row per process, jitted reduction to a replicated scalar)."""
+    devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
+    mesh = Mesh(np.array(devices).reshape(jax.process_count(), -1), ("process", "local"))
+    return NamedSharding(mesh, P("process")), jax.jit(jnp.any, out_shardings=NamedSharding(mesh, P()))
+
+
+def _setup(config, workdir, allow_config_changes: bool | None = None):
+    """allow_config_changes: None (evaluation) reads the last checkpoint whatever the config; a bool checks
+    that a resumed run's config is the run's (`workdir.check_resume`)."""
     codebook.check_config(config)
     initialize_distributed(config)
     mesh = make_mesh(config.mesh)
     check_run(config, mesh)
+    if allow_config_changes is not None:
+        check_resume(config, workdir, allow_config_changes)
     models = build_models(config)
     lpips_params = jax.device_put(load_lpips_params(config.lpips_path or None), replicated(mesh))
     checkpointer = Checkpointer(workdir, config.keep_checkpoints)
@@ -112,16 +157,15 @@ def _setup(config, workdir):
     return mesh, models, lpips_params, shardings, checkpointer, state
 
 
-def run(config, workdir: str):
-    """Trains until `config.total_steps`, resuming from the last checkpoint in `workdir` if there is one."""
+def run(config, workdir: str, allow_config_changes: bool = False):
+    """Trains until `config.total_steps`, resuming from the last checkpoint in `workdir` if there is one
+    (refused if the config changed since, unless `allow_config_changes`). Raises `Interrupted` when a
+    signal stopped it first."""
     os.makedirs(workdir, exist_ok=True)
-    mesh, models, lpips_params, shardings, checkpointer, state = _setup(config, workdir)
+    mesh, models, lpips_params, shardings, checkpointer, state = _setup(config, workdir, allow_config_changes)
     start = int(state.step)
-    is_main = jax.process_index() == 0
-    writer = MetricWriter(workdir, enabled=is_main)
-    if is_main:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
+    writer = MetricWriter(workdir, enabled=jax.process_index() == 0, resume_step=start)
+    write_config(config, workdir)
 
     source = data.train_iterator(config.data, global_batch_size=config.batch_size, seed=config.seed,
                                  start_step=start)
@@ -175,6 +219,8 @@ def run(config, workdir: str):
         batches.close()
         writer.close()
         checkpointer.close()
+    if step < config.total_steps:
+        raise Interrupted(step, stop.signum)
     return state
 
 
@@ -199,8 +245,7 @@ def reconstruction_metrics(models, config, params, lpips_params, mesh, split: st
 def evaluate(config, workdir: str, split: str | None = None) -> dict:
     """PSNR, LPIPS and codebook usage of the last checkpoint's generator (EMA if kept) over a split;
     written to `workdir/eval_<step>.json`."""
-    checkpoints = os.path.join(workdir, "checkpoints")
-    if not os.path.isdir(checkpoints) or not any(d.isdigit() for d in os.listdir(checkpoints)):
+    if not has_checkpoint(workdir):
         raise FileNotFoundError(f"no checkpoint in {workdir!r} to evaluate: train there first")
     if config.image_key == "segmentation":
         raise ValueError("--mode eval measures PSNR/LPIPS of images; a segmentation VQGAN's training log has "

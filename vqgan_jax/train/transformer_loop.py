@@ -16,11 +16,12 @@ from vqgan_jax.data.codes import code_batches, code_eval_batches
 from vqgan_jax.pretrained import save_pretrained
 from vqgan_jax.train.checkpoint import Checkpointer, abstract_with_shardings
 from vqgan_jax.train.logging import MetricWriter, Progress
-from vqgan_jax.train.loop import _StopRequest, check_run, initialize_distributed, log_step, run_step
+from vqgan_jax.train.loop import Interrupted, _StopRequest, check_run, initialize_distributed, log_step, run_step
 from vqgan_jax.train.sharding import batch_sharding, make_mesh, replicated
 from vqgan_jax.train.stages import check_code_cache, check_config, load_stages, load_vqgan
 from vqgan_jax.train.transformer import (build_gpt, create_state, jit_train_step, make_eval_step, optimizer,
                                          state_shapes)
+from vqgan_jax.train.workdir import check_resume, has_checkpoint, write_config
 
 
 def _stages(config, mesh):
@@ -42,11 +43,14 @@ def _stages(config, mesh):
     return models, jax.device_put(params, replicated(mesh))
 
 
-def _setup(config, workdir):
+def _setup(config, workdir, allow_config_changes: bool | None = None):
+    """allow_config_changes: as in the VQGAN loop's `_setup`."""
     check_config(config)
     initialize_distributed(config)
     mesh = make_mesh(config.mesh)
     check_run(config, mesh)
+    if allow_config_changes is not None:
+        check_resume(config, workdir, allow_config_changes)
     gpt, tx = build_gpt(config), optimizer(config)
     checkpointer = Checkpointer(workdir, config.keep_checkpoints)
     rng = jax.random.PRNGKey(config.seed)
@@ -73,8 +77,8 @@ def _eval_batches(config):
 
 
 def validation_nll(config, gpt, params, stages, mesh) -> dict | None:
-    """stages: (stage_models, stage_params) as `_stages` returns them."""
-    """Mean negative log-likelihood of the validation codes: nats and bits per token."""
+    """Mean negative log-likelihood of the validation codes: nats and bits per token. stages:
+    (stage_models, stage_params) as `_stages` returns them."""
     batches = _eval_batches(config)
     if batches is None:
         return None
@@ -130,18 +134,18 @@ def export_meta(config) -> dict:
             "data_size": config.data.size, "cond_drop": config.cond_drop}
 
 
-def run(config, workdir: str):
-    """Trains until `config.total_steps`, resuming from the last checkpoint in `workdir` if there is one."""
+def run(config, workdir: str, allow_config_changes: bool = False):
+    """Trains until `config.total_steps`, resuming from the last checkpoint in `workdir` if there is one
+    (refused if the config changed since, unless `allow_config_changes`). Raises `Interrupted` when a
+    signal stopped it first."""
     os.makedirs(workdir, exist_ok=True)
-    mesh, gpt, tx, shardings, checkpointer, state = _setup(config, workdir)
+    mesh, gpt, tx, shardings, checkpointer, state = _setup(config, workdir, allow_config_changes)
     stages = _stages(config, mesh)
     first = first_stage_for_samples(config, stages)
     start = int(state.step)
     is_main = jax.process_index() == 0
-    writer = MetricWriter(workdir, enabled=is_main)
-    if is_main:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
+    writer = MetricWriter(workdir, enabled=is_main, resume_step=start)
+    write_config(config, workdir)
 
     source = _train_batches(config, start)
     batches = data.prefetch_to_device(source, batch_sharding(mesh))
@@ -171,15 +175,16 @@ def run(config, workdir: str):
                 break
         checkpointer.save(state, step)
         if step >= config.total_steps:
-            nll = validation_nll(config, gpt, state.params, stages, mesh)
-            if nll:
-                writer.write_scalars(step, nll)
             params = jax.device_get(jax.jit(lambda t: t, out_shardings=replicated(mesh))(state.params))
             export = os.path.join(workdir, "export")
             save_pretrained(os.path.join(export, "gpt"), gpt, {"params": params})
             if is_main:
                 with open(os.path.join(export, "net2net.json"), "w") as f:
                     json.dump(export_meta(config), f, indent=2)
+            # After the export: validation data that fails to load must not keep the model from it.
+            nll = validation_nll(config, gpt, state.params, stages, mesh)
+            if nll:
+                writer.write_scalars(step, nll)
     except Exception:
         checkpointer.save_after_error(state, step)
         raise
@@ -188,13 +193,14 @@ def run(config, workdir: str):
         batches.close()
         writer.close()
         checkpointer.close()
+    if step < config.total_steps:
+        raise Interrupted(step, stop.signum)
     return state
 
 
 def evaluate(config, workdir: str) -> dict:
     """Validation NLL of the last checkpoint, written to `workdir/eval_<step>.json`."""
-    checkpoints = os.path.join(workdir, "checkpoints")
-    if not os.path.isdir(checkpoints) or not any(d.isdigit() for d in os.listdir(checkpoints)):
+    if not has_checkpoint(workdir):
         raise FileNotFoundError(f"no checkpoint in {workdir!r} to evaluate: train there first")
     mesh, gpt, _, _, checkpointer, state = _setup(config, workdir)
     checkpointer.close()
