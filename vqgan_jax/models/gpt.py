@@ -213,4 +213,6 @@ class GPT(nn.Module):
             x = Block(self.n_embd, self.n_head, self.block_size, self.n_unmasked, self.attn_pdrop,
                       self.resid_pdrop, self.decode, self.dtype, name=f"blocks_{i}")(x, train)
         x = LayerNorm(epsilon=1e-5, dtype=self.dtype, name="ln_f")(materialize_grad(x))
-        return Dense(self.vocab_size, use_bias=False, dtype=self.dtype, name="head")(x)
+        # Logits in float32 whatever the compute dtype: bfloat16's spacing at logits of 16-32 is 0.125, noise
+        # in the loss and in the sampling probabilities.
+        return Dense(self.vocab_size, use_bias=False, dtype=jnp.float32, name="head")(x)

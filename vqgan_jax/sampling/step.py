@@ -6,8 +6,9 @@ matrix. XLA:CPU hands x [B, K] @ W [K, N] to Eigen, whose kernel is built for ma
 a 2-core CPU: 6.6 -> 5.0 ms). XLA folds a transpose next to a dot back into the dot, so the step keeps
 its activations feature-major ([C, B]) from the token embedding to the logits, and `prepare` transposes
 the weights once per sampling call, outside the decoding loop (a gpt_sample step: 23.5 -> 19.9 ms).
-The arithmetic is the module's (same LayerNorm, GELU, masking and scaling; in the parameters' dtype);
-the cache is the module's too (`decoder(gpt).init(...)["cache"]`), so the prefix can be filled by the
+The arithmetic is the module's (same LayerNorm, GELU, masking and scaling; products, keys and values in
+the GPT's compute dtype, the residual stream and normalisation statistics in float32); the cache is the
+module's too (`decoder(gpt).init(...)["cache"]`), so the prefix can be filled by the
 module and the steps run here.
 """
 import os
@@ -31,15 +32,19 @@ def matmul_parts() -> int:
 def prepare(gpt, params, parts: int | None = None) -> dict:
     """The GPT's params -> the step's weights: each matrix as [out, in] cut into `parts` row blocks
     (default `matmul_parts()`), query/key/value stacked into one [3C, C] product, vectors as columns
-    [n, 1]."""
+    [n, 1]. Matrices and their biases in the GPT's compute dtype, as its Dense layers use them (the head
+    in float32, as the GPT's)."""
     parts = matmul_parts() if parts is None else parts
 
-    def matrix(w):
-        w = jnp.asarray(w).T
+    def matrix(w, dtype=gpt.dtype):
+        w = jnp.asarray(w, dtype).T
         return jnp.array_split(w, min(parts, w.shape[0]))
 
-    def col(v):
-        return jnp.asarray(v)[:, None]
+    def col(v, dtype=None):
+        return jnp.asarray(v, dtype)[:, None]
+
+    def bias(v):
+        return col(v, gpt.dtype)
 
     def norm(p):
         return col(p["scale"]), col(p["bias"])
@@ -52,26 +57,30 @@ def prepare(gpt, params, parts: int | None = None) -> dict:
         blocks.append({
             "ln1": norm(p["ln1"]), "ln2": norm(p["ln2"]),
             "qkv": matrix(jnp.concatenate([attn[n]["kernel"] for n in names], axis=1)),
-            "qkv_bias": col(jnp.concatenate([attn[n]["bias"] for n in names])),
-            "proj": matrix(attn["proj"]["kernel"]), "proj_bias": col(attn["proj"]["bias"]),
-            "fc": matrix(p["mlp_0"]["kernel"]), "fc_bias": col(p["mlp_0"]["bias"]),
-            "out": matrix(p["mlp_2"]["kernel"]), "out_bias": col(p["mlp_2"]["bias"]),
+            "qkv_bias": bias(jnp.concatenate([attn[n]["bias"] for n in names])),
+            "proj": matrix(attn["proj"]["kernel"]), "proj_bias": bias(attn["proj"]["bias"]),
+            "fc": matrix(p["mlp_0"]["kernel"]), "fc_bias": bias(p["mlp_0"]["bias"]),
+            "out": matrix(p["mlp_2"]["kernel"]), "out_bias": bias(p["mlp_2"]["bias"]),
         })
     return {"blocks": blocks, "tok_emb": params["tok_emb"]["embedding"], "pos_emb": params["pos_emb"][0],
-            "ln_f": norm(params["ln_f"]), "head": matrix(params["head"]["kernel"])}
+            "ln_f": norm(params["ln_f"]), "head": matrix(params["head"]["kernel"], jnp.float32)}
 
 
 def _mul(blocks, x, contract: int = 0):
-    """[out, in] matrix (as row blocks) times x: [in, n] (contract=0) or [n, in] (contract=1) -> [out, n]."""
+    """[out, in] matrix (as row blocks) times x: [in, n] (contract=0) or [n, in] (contract=1) -> [out, n],
+    in the matrix's dtype."""
+    x = x.astype(blocks[0].dtype)
     return jnp.concatenate([jax.lax.dot_general(w, x, (((1,), (contract,)), ((), ()))) for w in blocks])
 
 
-def _layer_norm(x, scale, bias, eps=1e-5):
-    """x: [C, B], normalised over C (flax's LayerNorm with use_fast_variance=False)."""
+def _layer_norm(x, scale, bias, dtype, eps=1e-5):
+    """x: [C, B], normalised over C as the GPT's LayerNorm: the input in `dtype`, statistics in float32,
+    the output in `dtype`."""
+    x = x.astype(dtype).astype(jnp.float32)
     mean = jnp.mean(x, axis=0, keepdims=True)
     centred = x - mean
     var = jnp.mean(centred * centred, axis=0, keepdims=True)
-    return centred * jax.lax.rsqrt(var + eps) * scale + bias
+    return (centred * jax.lax.rsqrt(var + eps) * scale + bias).astype(dtype)
 
 
 def _attention(w, layer_cache, h, pos, b: int, n_head: int, n_unmasked: int):
@@ -105,11 +114,11 @@ def step(gpt, weights, cache, tokens):
     cache = dict(cache, position=pos + t)
     for i, w in enumerate(weights["blocks"]):
         name = f"blocks_{i}"
-        a, layer_cache = _attention(w, cache[name]["attn"], _layer_norm(x, *w["ln1"]), pos, b, gpt.n_head,
-                                    gpt.n_unmasked)
+        a, layer_cache = _attention(w, cache[name]["attn"], _layer_norm(x, *w["ln1"], gpt.dtype), pos, b,
+                                    gpt.n_head, gpt.n_unmasked)
         cache[name] = dict(cache[name], attn=layer_cache)
         x = x + a
-        h = gelu(_mul(w["fc"], _layer_norm(x, *w["ln2"])) + w["fc_bias"])
+        h = gelu(_mul(w["fc"], _layer_norm(x, *w["ln2"], gpt.dtype)) + w["fc_bias"])
         x = x + (_mul(w["out"], h) + w["out_bias"])
-    logits = _mul(weights["head"], _layer_norm(x, *weights["ln_f"]))  # [V, B * t]
+    logits = _mul(weights["head"], _layer_norm(x, *weights["ln_f"], gpt.dtype))  # [V, B * t]
     return logits.T.reshape(b, t, -1), cache
