@@ -1,7 +1,10 @@
 """Benchmarks over the shared workloads: `python -m bench.run [--workload NAME] [--repeats N]`.
 
-Prints one JSON line per workload with the fields its "report" lists, plus context. Compile time (the
-first call) is reported apart from the steady state (median of the timed repeats).
+Prints one JSON line per workload with the fields its "report" lists, plus context. Compile time is
+reported apart from the steady state (median of the timed repeats): for the training steps `compile_s` is
+the ahead-of-time compile, with the first step's own time as `first_step_s`; for the samplers, which
+compile inside the call, it is the whole first call. Without --workload each workload runs in a process of
+its own, so that `peak_rss_mb` is that workload's.
 """
 
 import argparse
@@ -9,15 +12,19 @@ import json
 import os
 import resource
 import statistics
+import subprocess
 import sys
 import time
 
 import jax
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-# The project's shared copy when it is beside the checkout, else the one kept in bench/.
-WORKLOADS_PATHS = (os.path.join(HERE, "..", "..", "shared", "bench", "workloads.json"),
-                   os.path.join(HERE, "workloads.json"))
+# The project's shared copy, beside the checkout or inside it, else the one kept in bench/ (a test keeps it
+# equal to the shared one); each record names the file it ran.
+WORKLOADS_PATHS = tuple(os.path.normpath(p) for p in (
+    os.path.join(HERE, "..", "..", "shared", "bench", "workloads.json"),
+    os.path.join(HERE, "..", "shared", "bench", "workloads.json"),
+    os.path.join(HERE, "workloads.json")))
 
 # Dense peak FLOP/s per chip, for model FLOP utilisation: (float32 via TF32 tensor cores, bfloat16).
 PEAK_FLOPS = {"H100": (494.7e12, 989.4e12), "H200": (494.7e12, 989.4e12), "A100": (156e12, 312e12)}
@@ -33,12 +40,17 @@ def device_peak(table: dict):
     return next((peak for name, peak in table.items() if name in kind), None)
 
 
-def load_workloads(path=None) -> dict:
+def workloads_path(path=None) -> str:
+    """`path`, or the first of WORKLOADS_PATHS that exists."""
     for candidate in ([path] if path else WORKLOADS_PATHS):
-        if candidate and os.path.exists(candidate):
-            with open(candidate) as f:
-                return json.load(f)
-    raise FileNotFoundError(f"workloads.json not found (looked at {WORKLOADS_PATHS})")
+        if os.path.exists(candidate):
+            return candidate
+    raise FileNotFoundError(f"workloads.json not found (looked at {[path] if path else WORKLOADS_PATHS})")
+
+
+def load_workloads(path=None) -> dict:
+    with open(workloads_path(path)) as f:
+        return json.load(f)
 
 
 def peak_rss_mb() -> float:
@@ -59,6 +71,8 @@ def device_context(flops_per_step: float | None, step_s: float, dtype: str) -> d
     device = jax.devices()[0]
     out = {"backend": jax.default_backend(), "device": device.device_kind, "device_count": jax.device_count(),
            "jax": jax.__version__}
+    if out["backend"] == "cpu":  # the original's bench runs PyTorch with 2 threads: fair on 2 cores
+        out["cpu_cores"] = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     if flops_per_step:
         out["tflops_per_s"] = flops_per_step / step_s / 1e12
         peak = device_peak(PEAK_FLOPS)
@@ -92,7 +106,7 @@ def model_flops(fn, *args) -> float | None:
     return float(cost["flops"]) if cost and "flops" in cost else None
 
 
-def bench_vqgan_train_step(spec: dict, repeats: int, dtype: str, random_lpips: bool = False) -> dict:
+def bench_vqgan_train_step(spec: dict, workloads: dict, repeats: int, dtype: str, random_lpips: bool = False) -> dict:
     """One full step (generator + discriminator, discriminator active) at exactly the workload's shapes."""
     from vqgan_jax.train.config import default_config
     from vqgan_jax.train.sharding import batch_sharding, make_mesh, replicated
@@ -137,7 +151,7 @@ def bench_vqgan_train_step(spec: dict, repeats: int, dtype: str, random_lpips: b
                 **device_context(flops, med, dtype))
 
 
-def bench_gpt_train_step(spec: dict, repeats: int, dtype: str, random_lpips: bool = False) -> dict:
+def bench_gpt_train_step(spec: dict, workloads: dict, repeats: int, dtype: str, random_lpips: bool = False) -> dict:
     """One GPT training step (forward, cross-entropy, backward, AdamW) through the project's own step, on a
     code-cache batch: 1 condition token + seq_len codes, of which the GPT sees seq_len positions (the last
     code is only a target), as the original's forward on seq_len tokens."""
@@ -193,11 +207,11 @@ def bench_gpt_train_step(spec: dict, repeats: int, dtype: str, random_lpips: boo
 
 def bench_sampling(name):
     """The sampling workloads (bench/sampling.py): their model may refer to another workload's."""
-    def run(spec: dict, repeats: int, dtype: str, random_lpips: bool = False) -> dict:
+    def run(spec: dict, workloads: dict, repeats: int, dtype: str, random_lpips: bool = False) -> dict:
         from bench import sampling
 
         fn = sampling.bench_gpt_sample if name == "gpt_sample" else sampling.bench_window_sample
-        record = fn(spec, load_workloads(), repeats, dtype)
+        record = fn(spec, workloads, repeats, dtype)
         record.update(peak_rss_mb=peak_rss_mb(), **device_context(None, record["total_s"], dtype))
         return record
     return run
@@ -216,10 +230,17 @@ def main(argv=None) -> int:
     parser.add_argument("--workloads-json", default=None)
     parser.add_argument("--random-lpips", action="store_true", help="random LPIPS weights (same timings)")
     args = parser.parse_args(argv)
-    workloads = load_workloads(args.workloads_json)
-    for name in [args.workload] if args.workload else sorted(BENCHMARKS):
-        record = BENCHMARKS[name](workloads[name], args.repeats, args.dtype, args.random_lpips)
-        print(json.dumps(record), flush=True)
+    path = workloads_path(args.workloads_json)
+    if not args.workload:
+        for name in sorted(BENCHMARKS):
+            command = [sys.executable, "-m", "bench.run", "--workload", name, "--repeats", str(args.repeats),
+                       "--dtype", args.dtype, "--workloads-json", path] + ["--random-lpips"] * args.random_lpips
+            subprocess.run(command, check=True, cwd=os.path.dirname(HERE))
+        return 0
+    workloads = load_workloads(path)
+    record = BENCHMARKS[args.workload](workloads[args.workload], workloads, args.repeats, args.dtype,
+                                       args.random_lpips)
+    print(json.dumps(dict(record, workloads_file=os.path.abspath(path))), flush=True)
     return 0
 
 

@@ -3,6 +3,8 @@ training step's speed: the gradient materialisation is an exact identity, and it
 recomputing the residual stream's gradient once per consumer (the largest fusion of the backward pass
 stays the same size however deep the model)."""
 
+import json
+import os
 import re
 
 import jax
@@ -21,7 +23,7 @@ TINY_SPEC = {"model": {"vocab_size": 64, "block_size": 17, "n_layer": 1, "n_head
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_gpt_train_step_record(dtype):
-    record = bench_run.bench_gpt_train_step(TINY_SPEC, repeats=2, dtype=dtype)
+    record = bench_run.bench_gpt_train_step(TINY_SPEC, {}, repeats=2, dtype=dtype)
     for field in TINY_SPEC["report"]:
         assert record[field] > 0, field
     assert record["workload"] == "gpt_train_step" and record["dtype"] == dtype
@@ -31,9 +33,22 @@ def test_gpt_train_step_record(dtype):
     assert record["flops_per_step"] is None or record["flops_per_step"] > 0
 
 
-def test_gpt_train_step_is_listed():
-    assert "gpt_train_step" in bench_run.BENCHMARKS
-    assert set(bench_run.load_workloads()["gpt_train_step"]["model"]) >= {"vocab_size", "block_size", "n_layer"}
+def test_workloads_are_the_shared_ones_and_main_prints_their_report(tmp_path, capsys):
+    shared = os.path.normpath(os.path.join(bench_run.HERE, "..", "..", "shared", "bench", "workloads.json"))
+    if not os.path.exists(shared):
+        pytest.skip("no ../shared beside the checkout")
+    kept = os.path.join(bench_run.HERE, "workloads.json")
+    with open(shared) as a, open(kept) as b:
+        assert json.load(a) == json.load(b), "bench/workloads.json drifted from the shared file: copy it again"
+    assert set(bench_run.load_workloads()) - {"about"} == set(bench_run.BENCHMARKS)  # each one is run
+
+    path = tmp_path / "workloads.json"
+    path.write_text(json.dumps({"gpt_train_step": TINY_SPEC}))
+    assert bench_run.main(["--workload", "gpt_train_step", "--repeats", "1", "--workloads-json", str(path)]) == 0
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert all(record[field] > 0 for field in TINY_SPEC["report"])
+    assert record["workloads_file"] == str(path) and record["seq_len"] == 16
+    assert record["cpu_cores"] >= 1
 
 
 def test_gpt_sample_record_counts_the_bytes_a_step_reads():
