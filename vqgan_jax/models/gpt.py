@@ -5,7 +5,9 @@ Names mirror the original's `state_dict` (`blocks.0.attn.query` is `blocks_0/att
 Decoding (`decode=True`): initialise the cache with `model.init(rng, tokens_of_full_length)["cache"]`
 (or `jax.eval_shape` of it, zeroed), then call `apply({"params": p, "cache": c}, tokens, mutable=["cache"])`
 with one or more new tokens at a time; each call appends their keys and values at the cache index, so every
-token is computed once, as in flax's lm1b example.
+token is computed once, as in flax's lm1b example. The cache holds `block_size` positions and the position
+is traced, so nothing can check it: calls that go past it (the original raises) overwrite its last entries.
+The samplers size their caches and never do.
 """
 
 from typing import Any
