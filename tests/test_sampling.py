@@ -236,9 +236,27 @@ def test_bad_requests_are_named(small_gpt, window_gpt):
         sample(gpt, params, jnp.array([[3]]), steps=4, rng=jax.random.PRNGKey(0), temperature=0.0)
     with pytest.raises(ValueError, match="num_codes must be in"):
         sample(gpt, params, jnp.array([[3]]), steps=4, rng=jax.random.PRNGKey(0), num_codes=gpt.vocab_size + 1)
+    for steps in (0, 2.5):
+        with pytest.raises(ValueError, match="steps must be an integer >= 1"):
+            sample(gpt, params, jnp.array([[3]]), steps=steps, rng=jax.random.PRNGKey(0))
+    with pytest.raises(ValueError, match="cfg_scale must be a finite number"):
+        sample(gpt, params, jnp.array([[3]]), steps=4, rng=jax.random.PRNGKey(0), cfg_scale=float("nan"))
+    with pytest.raises(TypeError, match="rng must be a PRNG key"):
+        sample(gpt, params, jnp.array([[3]]), steps=4, rng=0)
     wgpt, wparams = window_gpt
-    with pytest.raises(ValueError, match="top_k must be >= 1"):
-        sample_windowed(wgpt, wparams, jnp.array([[3]]), shape=(16, 16), rng=jax.random.PRNGKey(0), top_k=0)
+    for top_k in (0, 2.5):
+        with pytest.raises(ValueError, match="top_k must be an integer >= 1"):
+            sample_windowed(wgpt, wparams, jnp.array([[3]]), shape=(16, 16), rng=jax.random.PRNGKey(0), top_k=top_k)
+    codes = jnp.zeros((1, 16, 16), jnp.int32)
+    with pytest.raises(ValueError, match="init and mask go together"):
+        sample_windowed(wgpt, wparams, jnp.array([[3]]), shape=(16, 16), rng=jax.random.PRNGKey(0), init=codes)
+    with pytest.raises(ValueError, match="mask must be bool"):
+        sample_windowed(wgpt, wparams, jnp.array([[3]]), shape=(16, 16), rng=jax.random.PRNGKey(0), init=codes,
+                        mask=jnp.full((1, 16, 16), 0.5))
+    with pytest.raises(ValueError, match=r"shape must be the grid's \(H, W\)"):
+        sample_windowed(wgpt, wparams, jnp.array([[3]]), shape=(16, 16, 1), rng=jax.random.PRNGKey(0))
+    with pytest.raises(TypeError, match="rng must be a PRNG key"):
+        sample_windowed(wgpt, wparams, jnp.array([[3]]), shape=(16, 16), rng=None)
     with pytest.raises(ValueError, match="smaller than the window"):
         sample_windowed(wgpt, wparams, jnp.array([[3]]), shape=(8, 20), rng=jax.random.PRNGKey(0))
     with pytest.raises(ValueError, match="must have the sampled shape"):

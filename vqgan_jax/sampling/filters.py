@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def _ordered_bits(x):
@@ -42,12 +43,20 @@ def top_p_filter(logits, p):
     return jnp.where((logits < cutoff) & (p < 1), -jnp.inf, logits)
 
 
+def check_rng(rng) -> None:
+    """TypeError unless `rng` is a PRNG key (jax.random.PRNGKey(seed) or jax.random.key(seed))."""
+    dtype = getattr(rng, "dtype", None)
+    legacy = dtype == np.uint32 and getattr(rng, "shape", None) == (2,)
+    if not (legacy or (dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key))):
+        raise TypeError(f"rng must be a PRNG key such as jax.random.PRNGKey(0), got {rng!r}")
+
+
 def check_filters(temperature, top_k: int | None, top_p, num_codes: int | None, vocab_size: int) -> None:
     """ValueError naming the argument, for values that would mask every token or divide by zero."""
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    if top_k is not None and not 1 <= top_k:
-        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    if top_k is not None and not (isinstance(top_k, (int, np.integer)) and top_k >= 1):
+        raise ValueError(f"top_k must be an integer >= 1, got {top_k!r}")
     if top_p is not None and not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     if num_codes is not None and not 1 <= num_codes <= vocab_size:

@@ -10,10 +10,11 @@ YNNPACK for dots on CPU (`xla_flags.decode_compiler_options`)."""
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from vqgan_jax.models.checks import check_codes
 from vqgan_jax.sampling.cache import empty_cache, forward, grow, shortened
-from vqgan_jax.sampling.filters import check_filters, draw, filter_logits
+from vqgan_jax.sampling.filters import check_filters, check_rng, draw, filter_logits
 from vqgan_jax.sampling.step import prepare, step
 from vqgan_jax.xla_flags import decode_compiler_options
 
@@ -97,6 +98,11 @@ def sample(gpt, params, cond, steps: int, rng, temperature: float = 1.0, top_k: 
       (condition tokens, cond_drop's null token); None: the whole vocabulary, as the original.
     -> int32 [B, steps] codes in raster order (reshape to the code grid, decode with the VQGAN).
     """
+    if not (isinstance(steps, (int, np.integer)) and steps >= 1):
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    if not np.isfinite(cfg_scale):
+        raise ValueError(f"cfg_scale must be a finite number, got {cfg_scale}")
+    check_rng(rng)
     cond = jnp.asarray(cond)
     given = jnp.zeros((cond.shape[0], 0), jnp.int32) if given is None else jnp.asarray(given)
     check_codes(cond, gpt.vocab_size, "cond")

@@ -28,7 +28,7 @@ import numpy as np
 
 from vqgan_jax.models.checks import check_codes
 from vqgan_jax.sampling.cache import decoder, empty_cache, forward, install, set_length, shortened
-from vqgan_jax.sampling.filters import check_filters, draw, filter_logits
+from vqgan_jax.sampling.filters import check_filters, check_rng, draw, filter_logits
 from vqgan_jax.sampling.step import prepare, step
 from vqgan_jax.xla_flags import decode_compiler_options
 
@@ -161,6 +161,11 @@ def sample_windowed(gpt, params, cond, shape, rng, window: int = 16, temperature
     Memory: one block_size KV cache per distinct window column (W - window + 1 of them) and batch row.
     -> int32 [B, H, W].
     """
+    if len(shape) != 2:
+        raise ValueError(f"shape must be the grid's (H, W), got {shape}")
+    if (init is None) != (mask is None):
+        raise ValueError("init and mask go together: the mask says which of init's codes to redraw")
+    check_rng(rng)
     h, w = shape = tuple(int(s) for s in shape)
     cond = jnp.asarray(cond)
     check_codes(cond, gpt.vocab_size, "cond")
@@ -179,7 +184,9 @@ def sample_windowed(gpt, params, cond, shape, rng, window: int = 16, temperature
         raise ValueError(f"{n} condition tokens + a {window}x{window} window exceed block_size={gpt.block_size}")
     b = cond.shape[0]
     init = jnp.zeros((b, h, w), jnp.int32) if init is None else jnp.asarray(init)
-    mask = jnp.ones((b, h, w), bool) if mask is None else jnp.asarray(mask, bool)
+    if mask is not None and jnp.asarray(mask).dtype != bool:  # 0.5 would silently count as True
+        raise ValueError(f"mask must be bool [B, H, W], got dtype {jnp.asarray(mask).dtype}")
+    mask = jnp.ones((b, h, w), bool) if mask is None else jnp.asarray(mask)
     check_codes(init, gpt.vocab_size, "init")
     if init.shape != (b, h, w) or mask.shape != (b, h, w):
         raise ValueError(f"init and mask must be [B, H, W] = {(b, h, w)}, got {tuple(init.shape)} and {tuple(mask.shape)}")
