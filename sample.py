@@ -25,8 +25,8 @@ flags.DEFINE_string("cond_stage_config", "", "YAML of an original conditioning-s
 flags.DEFINE_integer("train_size", 256, "with --gpt: the training crop in pixels (sets the window)")
 flags.DEFINE_float("cond_drop", 0.0, "with --gpt: the cond_drop it was trained with (--cfg needs > 0)")
 flags.DEFINE_string("out", None, "output folder (default: <workdir>/samples)")
-flags.DEFINE_integer("n", 8, "samples (per class with --classes)")
-flags.DEFINE_integer("batch", 8, "samples drawn together")
+flags.DEFINE_integer("n", 8, "samples (per class with --classes)", lower_bound=1)
+flags.DEFINE_integer("batch", 8, "samples drawn together", lower_bound=1)
 flags.DEFINE_list("classes", None, "class labels, e.g. 9,232")
 flags.DEFINE_integer("top_k", None, "keep the k most likely codes")
 flags.DEFINE_float("top_p", None, "nucleus sampling threshold")
@@ -90,11 +90,17 @@ def main(argv):
     if FLAGS.complete:
         if h != w:
             raise app.UsageError("--complete takes square sizes (the image is center-cropped to a square)")
-        image = load_image(FLAGS.complete, h)[None]
+        try:
+            image = load_image(FLAGS.complete, h)[None]
+        except (FileNotFoundError, ValueError) as e:
+            raise app.UsageError(f"--complete: {e}")
         codes = np.asarray(model.vq.apply({"params": model.vq_params}, image, method=model.vq.encode)[1])
         codes[:, grid[0] // 2:] = -1  # -1: to be sampled
         given = codes
-    labels = [int(c) for c in FLAGS.classes] if FLAGS.classes else [None]
+    try:
+        labels = [int(c) for c in FLAGS.classes] if FLAGS.classes else [None]
+    except ValueError:
+        raise app.UsageError(f"--classes takes integer labels, e.g. 9,232; got {','.join(FLAGS.classes)!r}")
     jobs = [label for label in labels for _ in range(FLAGS.n)]
     out = FLAGS.out or os.path.join(FLAGS.workdir or ".", "samples")
     os.makedirs(out, exist_ok=True)

@@ -1,6 +1,8 @@
 """Module behaviour that the fixture does not pin down: gradients, LPIPS, shapes, clear errors."""
 
 import functools
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -186,11 +188,38 @@ def test_shapes_for_non_square_images(tiny_vq):
 
 @pytest.mark.parametrize("shape, message", [((16, 16, 3), r"expected images \[B, H, W, 3\]"),
                                             ((1, 16, 16, 1), r"expected images \[B, H, W, 3\]"),
-                                            ((1, 15, 16, 3), "multiples of 2")])
+                                            ((1, 15, 16, 3), "multiples of 2"),
+                                            ((1, 16, 16, 3, "uint8"), "expected float images in")])
 def test_bad_image_shapes_are_named(tiny_vq, shape, message):
     model, params = tiny_vq
+    *shape, dtype = shape if isinstance(shape[-1], str) else (*shape, "float32")
     with pytest.raises(ValueError, match=message):
-        jax.eval_shape(lambda x: model.apply({"params": params}, x, method=model.encode), jnp.zeros(shape))
+        jax.eval_shape(lambda x: model.apply({"params": params}, x, method=model.encode), jnp.zeros(shape, dtype))
+
+
+def test_damaged_saved_models_and_image_files_are_named(tmp_path):
+    from vqgan_jax.data import load_image
+    from vqgan_jax.pretrained import load_pretrained, save_pretrained
+
+    gpt = vj.GPT(vocab_size=10, block_size=4, n_layer=1, n_head=2, n_embd=8)
+    save_pretrained(str(tmp_path / "gpt"), gpt, jax.jit(gpt.init)(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32)))
+    config = tmp_path / "gpt" / "config.json"
+    good = config.read_text()
+    config.write_text(good.replace("n_head", "n_heads"))
+    with pytest.raises(ValueError, match="config.json' does not describe a model .*n_heads"):
+        load_pretrained(str(tmp_path / "gpt"))
+    config.write_text(good)
+    for root, _, files in os.walk(tmp_path / "gpt" / "variables"):
+        for name in files:
+            os.remove(os.path.join(root, name))
+    with pytest.raises(ValueError, match="is incomplete or damaged .*: save or export it again"):
+        load_pretrained(str(tmp_path / "gpt"))
+
+    with pytest.raises(FileNotFoundError, match="no image file at .*missing.png"):
+        load_image(str(tmp_path / "missing.png"), 16)
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match="bad.png' is not a readable image"):
+        load_image(str(tmp_path / "bad.png"), 16)
 
 
 def test_codes_out_of_range_are_rejected(tiny_vq):

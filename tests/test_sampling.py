@@ -322,3 +322,6 @@ def test_sample_cli_writes_a_wider_image_than_the_training_crop(tmp_path):
     result = subprocess.run([sys.executable, "sample.py", "--workdir", str(tmp_path / "run"), "--train_size", "32"],
                             cwd=root, capture_output=True, text=True, timeout=600, env=dict(os.environ, PYTHONPATH=root))
     assert result.returncode != 0 and "--train_size describe a model given by parts" in result.stderr
+    result = subprocess.run([sys.executable, "sample.py", "--workdir", str(tmp_path / "run"), "--n", "0"],
+                            cwd=root, capture_output=True, text=True, timeout=600, env=dict(os.environ, PYTHONPATH=root))
+    assert result.returncode != 0 and "flag --n=0: 0 is not a positive integer" in result.stderr

@@ -60,8 +60,17 @@ def load_pretrained(directory: str) -> tuple[nn.Module, dict]:
     config_path = os.path.join(directory, "config.json")
     if not os.path.exists(config_path) or not os.path.isdir(os.path.join(directory, "variables")):
         raise FileNotFoundError(f"no saved model in {directory!r} (expected config.json and variables/)")
-    with open(config_path) as f:
-        config = json.load(f)
-    model = build_model(config["class"], config["config"])
-    variables = ocp.StandardCheckpointer().restore(os.path.join(directory, "variables"))
+    try:
+        with open(config_path) as f:
+            config = json.load(f)
+        model = build_model(config["class"], config["config"])
+    except (ValueError, KeyError, TypeError) as e:  # damaged JSON, missing keys, unknown fields
+        raise ValueError(f"{config_path!r} does not describe a model (expected {{\"class\": ..., \"config\": "
+                         f"{{...}}}} as save_pretrained writes): {type(e).__name__}: {e}") from e
+    try:
+        variables = ocp.StandardCheckpointer().restore(os.path.join(directory, "variables"))
+    except Exception as e:  # noqa: BLE001 -- orbax's and tensorstore's errors do not say what to do
+        raise ValueError(f"the saved model in {directory!r} is incomplete or damaged ({type(e).__name__}: "
+                         f"{str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}): save or "
+                         f"export it again") from e
     return model, variables

@@ -280,7 +280,13 @@ def preprocess(encoded, size, *, random_crop=False, flip=False, seed=None, metho
 def load_image(path, size, method="bilinear"):
     """Reads one image file -> numpy float32 [size, size, 3] in [-1, 1] (center crop, no flip).
 
-    For reconstructing or encoding single images outside the training pipeline.
+    For reconstructing or encoding single images outside the training pipeline. FileNotFoundError or
+    ValueError naming the path for a missing or undecodable file.
     """
     T = tf()
-    return preprocess(T.io.read_file(str(path)), size, method=method).numpy()
+    if not T.io.gfile.exists(str(path)):  # gfile: cloud paths too
+        raise FileNotFoundError(f"no image file at {str(path)!r}")
+    try:
+        return preprocess(T.io.read_file(str(path)), size, method=method).numpy()
+    except T.errors.InvalidArgumentError as e:
+        raise ValueError(f"{str(path)!r} is not a readable image: {e.message.splitlines()[0]}") from e

@@ -58,6 +58,8 @@ class VQGAN(nn.Module):
         f = self.downsample_factor
         if x.ndim != 4 or x.shape[-1] != self.in_channels:
             raise ValueError(f"expected images [B, H, W, {self.in_channels}] (NHWC), got shape {tuple(x.shape)}")
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise ValueError(f"expected float images in [-1, 1], got dtype {x.dtype} (uint8 pixels: x / 127.5 - 1)")
         if x.shape[1] % f or x.shape[2] % f:
             raise ValueError(f"image height and width must be multiples of {f} (the downsampling factor), "
                              f"got {x.shape[1]}x{x.shape[2]}")
@@ -80,6 +82,7 @@ class VQGAN(nn.Module):
 
     def decode_indices(self, indices):
         """indices: [B, h, w] int codes -> images [B, h*f, w*f, out_ch]."""
+        indices = jnp.asarray(indices)
         if indices.ndim != 3:
             raise ValueError(f"expected a code grid [B, h, w], got shape {tuple(indices.shape)}")
         check_codes(indices, self.n_embed)
