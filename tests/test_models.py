@@ -228,6 +228,12 @@ def test_codes_out_of_range_are_rejected(tiny_vq):
         model.apply({"params": params}, jnp.full((1, 2, 2), 16, jnp.int32), method=model.decode_indices)
     with pytest.raises(ValueError, match="must be integers"):
         model.apply({"params": params}, jnp.zeros((1, 2, 2)), method=model.decode_indices)
+    # Under jit the values are unknown: a code past either end decodes to NaN (a negative one would wrap).
+    decode = jax.jit(lambda i: model.apply({"params": params}, i, method=model.decode_indices))
+    images = decode(jnp.array([[[0, 15], [1, 2]], [[0, 15], [1, -1]]], jnp.int32))
+    assert np.isfinite(images[0]).all() and np.isnan(images[1]).all()
+    codes = model.apply({"params": params}, jnp.array([[3, -1, 16]]), method=lambda m, i: m.quantize.lookup(i))
+    assert np.isfinite(codes[0, 0]).all() and np.isnan(codes[0, 1:]).all()
 
 
 def test_gpt_rejects_bad_tokens():
@@ -237,6 +243,8 @@ def test_gpt_rejects_bad_tokens():
         jax.jit(gpt.apply)({"params": params}, jnp.zeros((1, 5), jnp.int32))
     with pytest.raises(ValueError, match="tokens out of range"):
         gpt.apply({"params": params}, jnp.array([[3, 10]]))
+    logits = jax.jit(gpt.apply)({"params": params}, jnp.array([[3, 4], [3, -1]]))  # unchecked inside jit
+    assert np.isfinite(logits[0]).all() and np.isnan(logits[1, 1]).all()
 
 
 def test_gpt_n_unmasked_makes_the_prefix_bidirectional():

@@ -1,6 +1,7 @@
 """Input checks that turn silent wrong results into clear errors."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -16,3 +17,10 @@ def check_codes(codes, num_codes: int, what: str = "codes") -> None:
     if values.size and (values.min() < 0 or values.max() >= num_codes):
         raise ValueError(f"{what} out of range: values span [{values.min()}, {values.max()}], "
                          f"valid codes are 0..{num_codes - 1}")
+
+
+def negatives_past_end(codes, num_codes: int):
+    """-> codes with negative values replaced by num_codes. Inside jit, where `check_codes` cannot see the
+    values, a table lookup gives NaN for codes >= num_codes but wraps negative ones to the last rows, a
+    silent wrong result; this makes them NaN too."""
+    return jnp.where(codes < 0, num_codes, codes)

@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vqgan_jax.models.checks import check_codes
+from vqgan_jax.models.checks import check_codes, negatives_past_end
 from vqgan_jax.models.conv import add_bias
 from vqgan_jax.models.norm import LayerNorm
 
@@ -195,7 +195,8 @@ class GPT(nn.Module):
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
         check_codes(tokens, self.vocab_size, "tokens")
-        x = nn.Embed(self.vocab_size, self.n_embd, embedding_init=_init, name="tok_emb")(tokens)
+        x = nn.Embed(self.vocab_size, self.n_embd, embedding_init=_init, name="tok_emb")(
+            negatives_past_end(tokens, self.vocab_size))
         if embeddings is not None:
             x = jnp.concatenate([embeddings.astype(x.dtype), x], axis=1)
         t = x.shape[1]

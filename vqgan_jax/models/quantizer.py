@@ -8,6 +8,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vqgan_jax.models.checks import negatives_past_end
+
 
 class QuantizerOutput(NamedTuple):
     z_q: jax.Array          # [B, h, w, D] quantised latents, straight-through: gradient flows to z unchanged
@@ -112,7 +114,7 @@ class VectorQuantizer(nn.Module):
 
     def lookup(self, indices):
         """indices: [B, h, w] int -> [B, h, w, embed_dim] the latents the decoder receives for these codes."""
-        h_q = jnp.take(self.codes(), indices, axis=0)
+        h_q = jnp.take(self.codes(), negatives_past_end(indices, self.n_embed), axis=0)
         return self.out_proj(h_q) if self.codebook_dim else h_q
 
 
