@@ -189,6 +189,7 @@ def test_shapes_for_non_square_images(tiny_vq):
 @pytest.mark.parametrize("shape, message", [((16, 16, 3), r"expected images \[B, H, W, 3\]"),
                                             ((1, 16, 16, 1), r"expected images \[B, H, W, 3\]"),
                                             ((1, 15, 16, 3), "multiples of 2"),
+                                            ((0, 16, 16, 3), r"\(NHWC, B >= 1\)"),
                                             ((1, 16, 16, 3, "uint8"), "expected float images in")])
 def test_bad_image_shapes_are_named(tiny_vq, shape, message):
     model, params = tiny_vq
@@ -243,6 +244,8 @@ def test_gpt_rejects_bad_tokens():
         jax.jit(gpt.apply)({"params": params}, jnp.zeros((1, 5), jnp.int32))
     with pytest.raises(ValueError, match="tokens out of range"):
         gpt.apply({"params": params}, jnp.array([[3, 10]]))
+    with pytest.raises(ValueError, match=r"embeddings must be \[B, n, n_embd\] = \[1, n, 8\], got shape \(1, 2, 4\)"):
+        gpt.apply({"params": params}, jnp.array([[3]]), jnp.zeros((1, 2, 4)))
     logits = jax.jit(gpt.apply)({"params": params}, jnp.array([[3, 4], [3, -1]]))  # unchecked inside jit
     assert np.isfinite(logits[0]).all() and np.isnan(logits[1, 1]).all()
 

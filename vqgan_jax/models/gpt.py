@@ -198,6 +198,9 @@ class GPT(nn.Module):
         x = nn.Embed(self.vocab_size, self.n_embd, embedding_init=_init, name="tok_emb")(
             negatives_past_end(tokens, self.vocab_size))
         if embeddings is not None:
+            if embeddings.ndim != 3 or embeddings.shape[0] != x.shape[0] or embeddings.shape[2] != self.n_embd:
+                raise ValueError(f"embeddings must be [B, n, n_embd] = [{x.shape[0]}, n, {self.n_embd}], got shape "
+                                 f"{tuple(embeddings.shape)}")
             x = jnp.concatenate([embeddings.astype(x.dtype), x], axis=1)
         t = x.shape[1]
         if t > self.block_size:

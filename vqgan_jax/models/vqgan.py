@@ -56,8 +56,8 @@ class VQGAN(nn.Module):
 
     def _check_image(self, x) -> None:
         f = self.downsample_factor
-        if x.ndim != 4 or x.shape[-1] != self.in_channels:
-            raise ValueError(f"expected images [B, H, W, {self.in_channels}] (NHWC), got shape {tuple(x.shape)}")
+        if x.ndim != 4 or x.shape[-1] != self.in_channels or x.shape[0] == 0:
+            raise ValueError(f"expected images [B, H, W, {self.in_channels}] (NHWC, B >= 1), got shape {tuple(x.shape)}")
         if not jnp.issubdtype(x.dtype, jnp.floating):
             raise ValueError(f"expected float images in [-1, 1], got dtype {x.dtype} (uint8 pixels: x / 127.5 - 1)")
         if x.shape[1] % f or x.shape[2] % f:
