@@ -8,6 +8,7 @@ but the fields below differs, unless told to (`train.py --allow_config_changes`)
 
 import json
 import os
+import sys
 
 import jax
 
@@ -66,7 +67,7 @@ def check_resume(config, workdir: str, allow_changes: bool = False) -> None:
                          f"continue that run: use a new --workdir, restore those values, or pass "
                          f"--allow_config_changes to resume with them anyway")
     if jax.process_index() == 0:
-        print(f"resuming {workdir!r} with config changes: {listed}", flush=True)
+        print(f"resuming {workdir!r} with config changes: {listed}", file=sys.stderr, flush=True)
 
 
 def write_config(config, workdir: str) -> None:
