@@ -52,6 +52,12 @@ def save_pretrained(directory: str, model: nn.Module, variables: dict) -> None:
     checkpointer.wait_until_finished()
 
 
+def error_summary(e: Exception) -> str:
+    """The first line of an error from orbax or tensorstore (theirs run to pages), with its type."""
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0][:300]}" if lines else type(e).__name__
+
+
 def load_pretrained(directory: str) -> tuple[nn.Module, dict]:
     """-> (model, variables) as saved by `save_pretrained`."""
     import orbax.checkpoint as ocp
@@ -70,7 +76,6 @@ def load_pretrained(directory: str) -> tuple[nn.Module, dict]:
     try:
         variables = ocp.StandardCheckpointer().restore(os.path.join(directory, "variables"))
     except Exception as e:  # noqa: BLE001 -- orbax's and tensorstore's errors do not say what to do
-        raise ValueError(f"the saved model in {directory!r} is incomplete or damaged ({type(e).__name__}: "
-                         f"{str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}): save or "
-                         f"export it again") from e
+        raise ValueError(f"the saved model in {directory!r} is incomplete or damaged ({error_summary(e)}): "
+                         f"save or export it again") from e
     return model, variables

@@ -184,9 +184,9 @@ def sample_windowed(gpt, params, cond, shape, rng, window: int = 16, temperature
         raise ValueError(f"{n} condition tokens + a {window}x{window} window exceed block_size={gpt.block_size}")
     b = cond.shape[0]
     init = jnp.zeros((b, h, w), jnp.int32) if init is None else jnp.asarray(init)
-    if mask is not None and jnp.asarray(mask).dtype != bool:  # 0.5 would silently count as True
-        raise ValueError(f"mask must be bool [B, H, W], got dtype {jnp.asarray(mask).dtype}")
     mask = jnp.ones((b, h, w), bool) if mask is None else jnp.asarray(mask)
+    if mask.dtype != bool:  # 0.5 would silently count as True
+        raise ValueError(f"mask must be bool [B, H, W], got dtype {mask.dtype}")
     check_codes(init, gpt.vocab_size, "init")
     if init.shape != (b, h, w) or mask.shape != (b, h, w):
         raise ValueError(f"init and mask must be [B, H, W] = {(b, h, w)}, got {tuple(init.shape)} and {tuple(mask.shape)}")

@@ -9,6 +9,8 @@ import os
 import jax
 import orbax.checkpoint as ocp
 
+from vqgan_jax.pretrained import error_summary
+
 
 class Checkpointer:
     def __init__(self, workdir: str, keep: int = 3):
@@ -53,9 +55,8 @@ class Checkpointer:
             earlier = [s for s in self.manager.all_steps() if s < step]
             way_out = (f"remove it to resume from step {max(earlier)}" if earlier else
                        "no earlier checkpoint is kept")
-            detail = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
             raise RuntimeError(f"checkpoint {os.path.join(self.directory, str(step))!r} could not be restored "
-                               f"({detail}): it is damaged or incomplete, or the config's model or optimiser "
+                               f"({error_summary(e)}): it is damaged or incomplete, or the config's model or optimiser "
                                f"differs from the run's; {way_out}") from e
         return restored["state"], restored["meta"]
 
