@@ -6,6 +6,7 @@ import io
 import json
 import math
 import os
+import types
 
 import jax
 import jax.numpy as jnp
@@ -146,6 +147,14 @@ def test_metric_writer_writes_jsonl_png_and_tensorboard(tmp_path):
     with MetricWriter(workdir, resume_step=1) as writer:
         writer.write_scalars(2, {"loss": 0.75})
     assert [(r["step"], r["loss"]) for r in read_jsonl(log)] == [(1, 0.5), (2, 0.75)]
+
+    # The skipped-file count goes on from the last record kept: the resumed input counts from 0.
+    source, progress = types.SimpleNamespace(skipped=2), types.SimpleNamespace(steps_per_sec=1.0)
+    with MetricWriter(workdir) as writer:
+        writer.write_step(3, {"loss": np.float32(0.25)}, 0.1, progress, source)
+    with MetricWriter(workdir, resume_step=3) as writer:
+        writer.write_step(4, {"loss": np.float32(0.25)}, 0.1, progress, source)
+    assert [r["skipped_files"] for r in read_jsonl(log)[2:]] == [2, 4]
 
 
 def test_tensorboard_events_hold_the_values(tmp_path):

@@ -71,10 +71,10 @@ def read_jsonl(path: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def _truncate_log(path: str, last_step: int) -> None:
+def _truncate_log(path: str, last_step: int) -> dict:
     """Keeps the records of metrics.jsonl up to `last_step`; rewritten by rename, so a crash leaves either
-    log whole."""
-    kept = []
+    log whole. -> the last record kept ({} if none)."""
+    kept, last = [], {}
     with open(path) as f:
         for line in f:
             try:
@@ -83,9 +83,11 @@ def _truncate_log(path: str, last_step: int) -> None:
                 continue
             if record.get("step", 0) <= last_step:
                 kept.append(line if line.endswith("\n") else line + "\n")
+                last = record
     with open(path + ".tmp", "w") as f:
         f.writelines(kept)
     os.replace(path + ".tmp", path)
+    return last
 
 
 def _tb_write(writer, tag: str, tensor, step: int, plugin: str, data_class: str) -> None:
@@ -116,11 +118,12 @@ class MetricWriter:
         self.enabled = enabled
         self._jsonl = None
         self._tb = None
+        self._skipped_before = 0  # the input's skipped-file count when the run was stopped: it goes on from there
         if enabled:
             os.makedirs(workdir, exist_ok=True)
             path = os.path.join(workdir, "metrics.jsonl")
             if resume_step is not None and os.path.exists(path):
-                _truncate_log(path, resume_step)
+                self._skipped_before = int(_truncate_log(path, resume_step).get("skipped_files", 0))
             # Append: a resumed run continues the same log.
             self._jsonl = open(path, "a")
 
@@ -148,12 +151,12 @@ class MetricWriter:
 
     def write_step(self, step: int, metrics, step_time: float, progress, source) -> None:
         """A training step's metrics (device arrays) with its time, the run's steps/s and the input's
-        skipped-file count."""
+        skipped-file count since the run began (across resumes)."""
         import jax
 
         scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
         scalars.update(step_time=step_time, steps_per_sec=progress.steps_per_sec,
-                       skipped_files=getattr(source, "skipped", 0))
+                       skipped_files=self._skipped_before + getattr(source, "skipped", 0))
         self.write_scalars(step, scalars)
 
     def write_images(self, step: int, name: str, images) -> None:
