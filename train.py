@@ -21,7 +21,8 @@ from ml_collections import config_flags
 config_flags.DEFINE_config_file("config", None, "experiment config file, e.g. configs/demo.py[:arg]", lock_config=True)
 flags.DEFINE_string("workdir", None, "directory for checkpoints, logs, images and the exported model")
 flags.DEFINE_enum("mode", "train", ["train", "eval"], "train, or evaluate the last checkpoint")
-flags.DEFINE_bool("allow_config_changes", False, "resume a run whose config was changed since it started")
+flags.DEFINE_bool("allow_config_changes", False,
+                  "resume a run whose config, or a transformer run's frozen stage weights, changed since it started")
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 

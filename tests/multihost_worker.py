@@ -15,7 +15,7 @@ def main(data_path, workdir, coordinator, process_id):
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from sharded_step_worker import tiny_config
-    from vqgan_jax.train import Interrupted, loop, run
+    from vqgan_jax.train import Interrupted, run, runner
 
     c = tiny_config(lpips=False)
     c.data.path = data_path
@@ -25,15 +25,15 @@ def main(data_path, workdir, coordinator, process_id):
     c.image_every = 0
     c.checkpoint_every = 100
     c.distributed.update(coordinator_address=coordinator, num_processes=2, process_id=int(process_id))
-    step_fn = loop.run_step
+    step_fn = runner.run_step
 
     def preempted(*args):
         if process_id == "1":
             os.kill(os.getpid(), signal.SIGTERM)
-        loop.run_step = step_fn
+        runner.run_step = step_fn
         return step_fn(*args)
 
-    loop.run_step = preempted
+    runner.run_step = preempted
     try:
         run(c, workdir)
         raise AssertionError("not stopped")

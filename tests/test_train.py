@@ -97,7 +97,7 @@ def test_mesh_sharding_and_loop_settings_fail_early_with_their_names(monkeypatch
 
     import jax.numpy as jnp
 
-    from vqgan_jax.train import loop
+    from vqgan_jax.train import runner
     from vqgan_jax.train.config import default_config
     from vqgan_jax.train.sharding import make_mesh, tree_shardings
 
@@ -117,20 +117,20 @@ def test_mesh_sharding_and_loop_settings_fail_early_with_their_names(monkeypatch
     config.batch_size = 6
     four = types.SimpleNamespace(size=4, shape={"data": 4})
     with pytest.raises(ValueError, match="batch_size=6 is not divisible by the 4 devices"):
-        loop.check_run(config, four)
+        runner.check_run(config, four)
     config.batch_size, config.checkpoint_every = 8, 0
     with pytest.raises(ValueError, match="checkpoint_every=0 must be >= 1"):
-        loop.check_run(config, four)
+        runner.check_run(config, four)
     config.checkpoint_every, config.keep_checkpoints = 10, 0
     with pytest.raises(ValueError, match="keep_checkpoints=0 must be >= 1"):
-        loop.check_run(config, four)
-    assert bool(loop.any_process(True)) and not bool(loop.any_process(False))  # one process: its own flag
+        runner.check_run(config, four)
+    assert bool(runner.any_process(True)) and not bool(runner.any_process(False))  # one process: its own flag
 
     calls = []  # from_environment: the launcher's variables, read by an argument-free initialize()
     monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
     monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **k: calls.append((a, k)))
     config.distributed.from_environment = True
-    loop.initialize_distributed(config)
+    runner.initialize_distributed(config)
     assert calls == [((), {})]
 
 

@@ -231,6 +231,30 @@ def test_vocabulary_check_refuses_codes_the_gpt_cannot_embed():
         check_vocabulary(config, n_first=64, n_cond=0)
 
 
+def test_stage_fingerprints_tell_weights_apart_and_caches_of_other_stages_are_refused(tmp_path):
+    from vqgan_jax.train.sharding import make_mesh
+    from vqgan_jax.train.stages import fingerprint
+    from vqgan_jax.train.transformer_loop import _stages
+
+    params = {"conv": {"kernel": np.zeros((2, 3), np.float32), "bias": np.ones(3, np.float32)}}
+    same = {"conv": {"kernel": jnp.zeros((2, 3)), "bias": jnp.ones(3)}}
+    assert fingerprint(params) == fingerprint(same) and fingerprint(None) is None
+    nudged = {"conv": {"kernel": params["conv"]["kernel"], "bias": params["conv"]["bias"] + 1e-7}}
+    renamed = {"conv": {"kernel": params["conv"]["bias"], "bias": params["conv"]["kernel"]}}
+    assert len({fingerprint(params), fingerprint(nudged), fingerprint(renamed)}) == 3
+
+    for name, stage in (("train", "a1"), ("eval", "b2")):
+        _write_cache(tmp_path / name)
+        with open(tmp_path / name / "meta.json") as f:
+            meta = json.load(f)
+        with open(tmp_path / name / "meta.json", "w") as f:
+            json.dump(dict(meta, first_stage_fingerprint=stage), f)
+    config = _loop_config(tmp_path / "train", 1)
+    config.data.eval_codes = str(tmp_path / "eval")
+    with pytest.raises(ValueError, match="encoded by different first_stage weights .fingerprints a1 and b2"):
+        _stages(config, make_mesh(config.mesh))
+
+
 def _loop_config(cache, steps):
     config = tiny_config()
     config.mesh = [("data", -1), ("fsdp", 1)]
@@ -247,13 +271,13 @@ def test_training_from_a_code_cache_learns_and_resumes_exactly(tmp_path, monkeyp
     refused, and a damaged checkpoint is named."""
     import signal
 
-    from vqgan_jax.train import Interrupted, run, transformer_loop
+    from vqgan_jax.train import Interrupted, run, runner
     from vqgan_jax.train.logging import read_jsonl
 
     _write_cache(tmp_path / "cache", n=16)
     straight = run(_loop_config(tmp_path / "cache", 6), str(tmp_path / "a"))
 
-    step_fn, calls = transformer_loop.run_step, []
+    step_fn, calls = runner.run_step, []
 
     def preempted_after_three(*args):
         calls.append(1)
@@ -261,11 +285,11 @@ def test_training_from_a_code_cache_learns_and_resumes_exactly(tmp_path, monkeyp
             os.kill(os.getpid(), signal.SIGTERM)
         return step_fn(*args)
 
-    monkeypatch.setattr(transformer_loop, "run_step", preempted_after_three)
+    monkeypatch.setattr(runner, "run_step", preempted_after_three)
     with pytest.raises(Interrupted, match="SIGTERM at step 3") as stopped:
         run(_loop_config(tmp_path / "cache", 6), str(tmp_path / "b"))
     assert stopped.value.step == 3 and stopped.value.signum == signal.SIGTERM
-    monkeypatch.setattr(transformer_loop, "run_step", step_fn)
+    monkeypatch.setattr(runner, "run_step", step_fn)
 
     changed = _loop_config(tmp_path / "cache", 6)
     changed.batch_size, changed.pkeep = 8, 0.5
@@ -374,12 +398,30 @@ def test_encode_writes_the_first_stage_codes_and_training_reads_images_or_codes(
     with pytest.raises(FileExistsError, match="--overwrite"):
         encode(config, str(tmp_path / "codes"), split="eval")
 
+    from vqgan_jax.pretrained import save_pretrained
+    from vqgan_jax.train.stages import fingerprint
+
+    save_pretrained(str(tmp_path / "vq"), vq, {"params": params})  # a copy this test may replace
+    config.first_stage.checkpoint = str(tmp_path / "vq")
     run(config, str(tmp_path / "from_images"))  # frozen first stage inside the step
+    images_config = config.copy_and_resolve_references()
     config.data.codes = str(tmp_path / "codes")
     state = run(config, str(tmp_path / "from_codes"))
     assert int(state.step) == 2
     for workdir in ("from_images", "from_codes"):  # sample grids decoded by the first stage, at the end
         assert (tmp_path / workdir / "images" / "samples_0000002.png").exists()
+        with open(tmp_path / workdir / "stages.json") as f:  # from the weights, or from the cache's meta
+            assert json.load(f) == {"first_stage": fingerprint(params), "cond_stage": None}
+    assert meta["first_stage_fingerprint"] == fingerprint(params) and meta["cond_stage_fingerprint"] is None
+
+    # The first stage retrained under the same path: the run's tokens would change, so resuming is refused.
+    retrained = jax.tree.map(lambda p: p + 1e-3, params)
+    save_pretrained(str(tmp_path / "vq"), vq, {"params": retrained})
+    with pytest.raises(ValueError, match=f"other frozen stage weights .first_stage: '{fingerprint(params)}' -> '{fingerprint(retrained)}'"):
+        run(images_config, str(tmp_path / "from_images"))
+    run(images_config, str(tmp_path / "from_images"), allow_config_changes=True)
+    with open(tmp_path / "from_images" / "stages.json") as f:
+        assert json.load(f)["first_stage"] == fingerprint(retrained)
 
 
 def test_export_meta_names_the_stages_by_absolute_path(tiny_first_stage, tmp_path, monkeypatch):

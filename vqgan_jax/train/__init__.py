@@ -5,7 +5,7 @@
 
 from vqgan_jax.train import loop, transformer_loop
 from vqgan_jax.train.config import default_config, runlocal
-from vqgan_jax.train.loop import Interrupted
+from vqgan_jax.train.runner import Interrupted
 
 
 def _loop(config):

@@ -1,10 +1,12 @@
 """The frozen models of transformer training: the first stage (image -> codes) and a VQGAN conditioning
 stage (segmentation or depth map -> codes), loaded from our saved models or from original checkpoints."""
 
+import hashlib
 import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from vqgan_jax.models import VQGAN
 from vqgan_jax.net2net import VQ_COND_KINDS
@@ -44,6 +46,20 @@ def load_stages(config):
     check_vocabulary(config, *token_counts(config, vq, cond_vq))
     on_device = lambda tree: None if tree is None else jax.tree.map(jnp.asarray, tree)  # noqa: E731
     return (vq, cond_vq), (on_device(params), on_device(cond_params))
+
+
+def fingerprint(params) -> str | None:
+    """A frozen stage's weights -> a short hash of every array (names, shapes, dtypes, values); None for no
+    stage. It tells whether a stage saved under the same path was retrained or replaced since a code cache
+    was encoded or a run was started."""
+    if params is None:
+        return None
+    digest = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        leaf = np.ascontiguousarray(jax.device_get(leaf))
+        digest.update(f"{jax.tree_util.keystr(path)}{leaf.shape}{leaf.dtype}".encode())
+        digest.update(leaf.tobytes())
+    return digest.hexdigest()[:16]
 
 
 def check_config(config) -> None:

@@ -1,10 +1,11 @@
 """`run(config, workdir)`: the transformer training loop; `evaluate(config, workdir)`: validation NLL.
 
-Input is a code cache (`data.codes`) or images encoded inside the step by the frozen stages. The loop's
-machinery is the VQGAN's: distributed set-up, mesh, state born sharded or restored, checkpoints
-(periodic, on SIGTERM/SIGINT, at the end), JSONL/TensorBoard logs, and the model's export.
+Input is a code cache (`data.codes`) or images encoded inside the step by the frozen stages. The run's
+opening and step loop are `runner`'s, as for the VQGAN; this module adds the stages, validation, sample
+grids and the GPT's export.
 """
 
+import functools
 import json
 import os
 
@@ -14,14 +15,12 @@ import numpy as np
 from vqgan_jax import data
 from vqgan_jax.data.codes import code_batches, code_eval_batches
 from vqgan_jax.pretrained import save_pretrained
-from vqgan_jax.train.checkpoint import Checkpointer, abstract_with_shardings
-from vqgan_jax.train.logging import MetricWriter, Progress
-from vqgan_jax.train.loop import Interrupted, _StopRequest, check_run, initialize_distributed, log_step, run_step
-from vqgan_jax.train.sharding import batch_sharding, make_mesh, replicated
-from vqgan_jax.train.stages import check_code_cache, check_config, load_stages, load_vqgan
+from vqgan_jax.train import runner
+from vqgan_jax.train.sharding import batch_sharding, replicated
+from vqgan_jax.train.stages import check_code_cache, check_config, fingerprint, load_stages, load_vqgan
 from vqgan_jax.train.transformer import (build_gpt, create_state, jit_train_step, make_eval_step, optimizer,
                                          state_shapes)
-from vqgan_jax.train.workdir import check_resume, has_checkpoint, write_config
+from vqgan_jax.train.workdir import check_stages, write_stages
 
 
 def _stages(config, mesh):
@@ -38,28 +37,36 @@ def _stages(config, mesh):
             raise ValueError(f"data.codes and data.eval_codes hold sequences of different shapes: code grids "
                              f"{metas['codes']['code_shape']} and {metas['eval_codes']['code_shape']}, conditions "
                              f"of {metas['codes']['cond_length']} and {metas['eval_codes']['cond_length']} tokens")
+        if "eval_codes" in metas:
+            for stage in ("first_stage", "cond_stage"):
+                a, b = (metas[field].get(f"{stage}_fingerprint") for field in ("codes", "eval_codes"))
+                if a and b and a != b:
+                    raise ValueError(f"data.codes and data.eval_codes were encoded by different {stage} weights "
+                                     f"(fingerprints {a} and {b}): their codes do not mean the same images")
         return None, None
     models, params = load_stages(config)
     return models, jax.device_put(params, replicated(mesh))
 
 
-def _setup(config, workdir, allow_config_changes: bool | None = None):
-    """allow_config_changes: as in the VQGAN loop's `_setup`."""
+def _open(config, workdir, allow_config_changes: bool | None = None):
+    """-> (mesh, gpt, tx, shardings, checkpointer, state): `runner.open_run` for the GPT."""
     check_config(config)
-    initialize_distributed(config)
-    mesh = make_mesh(config.mesh)
-    check_run(config, mesh)
-    if allow_config_changes is not None:
-        check_resume(config, workdir, allow_config_changes)
     gpt, tx = build_gpt(config), optimizer(config)
-    checkpointer = Checkpointer(workdir, config.keep_checkpoints)
-    rng = jax.random.PRNGKey(config.seed)
-    if checkpointer.latest_step() is not None:
-        abstract, shardings = state_shapes(gpt, tx, config, mesh, rng)
-        state, _ = checkpointer.restore(abstract_with_shardings(abstract, shardings))
-    else:
-        state, shardings = create_state(gpt, tx, config, mesh, rng)
+    mesh, checkpointer, state, shardings = runner.open_run(
+        config, workdir, functools.partial(state_shapes, gpt, tx, config),
+        functools.partial(create_state, gpt, tx, config), allow_config_changes)
     return mesh, gpt, tx, shardings, checkpointer, state
+
+
+def stage_fingerprints(config, stages) -> dict:
+    """{"first_stage": ..., "cond_stage": ...}: `stages.fingerprint` of the frozen stages' weights, or with a
+    code cache the ones its meta data records (None where a stage is absent, or an older cache has none)."""
+    if config.data.codes:
+        from vqgan_jax.data.codes import CodeCache
+
+        meta = CodeCache(config.data.codes).meta
+        return {stage: meta.get(f"{stage}_fingerprint") for stage in ("first_stage", "cond_stage")}
+    return {"first_stage": fingerprint(stages[1][0]), "cond_stage": fingerprint(stages[1][1])}
 
 
 def _train_batches(config, start):
@@ -139,70 +146,43 @@ def run(config, workdir: str, allow_config_changes: bool = False):
     (refused if the config changed since, unless `allow_config_changes`). Raises `Interrupted` when a
     signal stopped it first."""
     os.makedirs(workdir, exist_ok=True)
-    mesh, gpt, tx, shardings, checkpointer, state = _setup(config, workdir, allow_config_changes)
+    mesh, gpt, tx, shardings, checkpointer, state = _open(config, workdir, allow_config_changes)
     stages = _stages(config, mesh)
+    fingerprints = stage_fingerprints(config, stages)
+    check_stages(fingerprints, workdir, allow_config_changes)
+    write_stages(fingerprints, workdir)
     first = first_stage_for_samples(config, stages)
-    start = int(state.step)
-    is_main = jax.process_index() == 0
-    writer = MetricWriter(workdir, enabled=is_main, resume_step=start)
-    write_config(config, workdir)
-
-    source = _train_batches(config, start)
-    batches = data.prefetch_to_device(source, batch_sharding(mesh))
+    source = _train_batches(config, int(state.step))
     train_step = jit_train_step(gpt, tx, config, mesh, shardings, stages[0])
-    progress = Progress(config.total_steps, start)
-    stop = _StopRequest()
-    step = start
-    try:
-        while step < config.total_steps:
-            batch = next(batches)
-            timed = log_step(step + 1, config)
-            state, metrics, seconds = run_step(train_step, state, (batch, stages[1]), timed)
-            step += 1
-            progress.update(step)
-            if timed:
-                writer.write_step(step, metrics, seconds, progress, source)
-            if config.eval_every and step % config.eval_every == 0 and step < config.total_steps:
-                nll = validation_nll(config, gpt, state.params, stages, mesh)
-                if nll:
-                    writer.write_scalars(step, nll)
-            if first and (config.sample_every and step % config.sample_every == 0 or step == config.total_steps):
-                images = sample_grid(config, gpt, state.params, batch, stages, first, jax.random.PRNGKey(step))
-                writer.write_images(step, "samples", np.asarray(jax.device_get(images)))
-            if step % config.checkpoint_every == 0:
-                checkpointer.save(state, step)
-            if stop.requested():
-                break
-        checkpointer.save(state, step)
-        if step >= config.total_steps:
-            params = jax.device_get(jax.jit(lambda t: t, out_shardings=replicated(mesh))(state.params))
-            export = os.path.join(workdir, "export")
-            save_pretrained(os.path.join(export, "gpt"), gpt, {"params": params})
-            if is_main:
-                with open(os.path.join(export, "net2net.json"), "w") as f:
-                    json.dump(export_meta(config), f, indent=2)
-            # After the export: validation data that fails to load must not keep the model from it.
+
+    def after_step(step, state, batch, writer):
+        if config.eval_every and step % config.eval_every == 0 and step < config.total_steps:
             nll = validation_nll(config, gpt, state.params, stages, mesh)
             if nll:
                 writer.write_scalars(step, nll)
-    except Exception:
-        checkpointer.save_after_error(state, step)
-        raise
-    finally:
-        stop.restore()
-        batches.close()
-        writer.close()
-        checkpointer.close()
-    if step < config.total_steps:
-        raise Interrupted(step, stop.signum)
-    return state
+        if first and (config.sample_every and step % config.sample_every == 0 or step == config.total_steps):
+            images = sample_grid(config, gpt, state.params, batch, stages, first, jax.random.PRNGKey(step))
+            writer.write_images(step, "samples", np.asarray(jax.device_get(images)))
+
+    def finish(step, state, writer):
+        params = jax.device_get(jax.jit(lambda t: t, out_shardings=replicated(mesh))(state.params))
+        export = os.path.join(workdir, "export")
+        save_pretrained(os.path.join(export, "gpt"), gpt, {"params": params})
+        if jax.process_index() == 0:
+            with open(os.path.join(export, "net2net.json"), "w") as f:
+                json.dump(export_meta(config), f, indent=2)
+        # After the export: validation data that fails to load must not keep the model from it.
+        nll = validation_nll(config, gpt, state.params, stages, mesh)
+        if nll:
+            writer.write_scalars(step, nll)
+
+    return runner.train(config, workdir, mesh, checkpointer, state, source, lambda step: train_step,
+                        (stages[1],), after_step, finish)
 
 
 def evaluate(config, workdir: str) -> dict:
     """Validation NLL of the last checkpoint, written to `workdir/eval_<step>.json`."""
-    if not has_checkpoint(workdir):
-        raise FileNotFoundError(f"no checkpoint in {workdir!r} to evaluate: train there first")
-    mesh, gpt, _, _, checkpointer, state = _setup(config, workdir)
+    mesh, gpt, _, _, checkpointer, state = _open(config, workdir)
     checkpointer.close()
     result = validation_nll(config, gpt, state.params, _stages(config, mesh), mesh)
     if result is None:

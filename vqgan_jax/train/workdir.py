@@ -1,9 +1,11 @@
-"""The run's config in `workdir/config.json`, and what a resumed run may change in it.
+"""The run's config in `workdir/config.json`, and what a resumed run may change in it; a transformer run's
+frozen stages in `workdir/stages.json`.
 
 A resumed run is exact only if it trains as the first one did: a changed batch size replays or skips data
 and changes the learning rate, a changed seed changes the data order, a changed loss weight changes the
-model. So a run that resumes compares its config with the one saved and refuses to go on where anything
-but the fields below differs, unless told to (`train.py --allow_config_changes`).
+model, a retrained first stage changes the tokens. So a run that resumes compares its config (and stages)
+with the ones saved and refuses to go on where anything but the fields below differs, unless told to
+(`train.py --allow_config_changes`).
 """
 
 import json
@@ -13,6 +15,7 @@ import sys
 import jax
 
 CONFIG_FILE = "config.json"
+STAGES_FILE = "stages.json"  # a transformer run's frozen stages, as `stages.fingerprint` of their weights
 
 # When and how much to log, save, evaluate and sample, how long to run (see `_may_change`), and how the
 # work is laid out over devices and hosts: none of them changes what a step computes.
@@ -55,19 +58,45 @@ def config_changes(config, workdir: str) -> dict:
             if saved.get(k) != now.get(k) and not _may_change(k, config)}
 
 
+def _refuse_or_note(workdir: str, changes: dict, what: str, allow_changes: bool) -> None:
+    """changes: {name: (saved, now)}, non-empty; what: "another config"... ValueError naming them, or with
+    `allow_changes` a note on stderr."""
+    listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changes.items())
+    if not allow_changes:
+        raise ValueError(f"{workdir!r} holds a run started with {what} ({listed}). Resuming would not "
+                         f"continue that run: use a new --workdir, restore those values, or pass "
+                         f"--allow_config_changes to resume with them anyway")
+    if jax.process_index() == 0:
+        print(f"resuming {workdir!r} with {what}: {listed}", file=sys.stderr, flush=True)
+
+
 def check_resume(config, workdir: str, allow_changes: bool = False) -> None:
     """Before restoring a checkpoint in `workdir`: ValueError naming every field that changed since the run
     was started, or with `allow_changes` a note of them on stderr."""
     changes = config_changes(config, workdir)
-    if not changes:
+    if changes:
+        _refuse_or_note(workdir, changes, "another config", allow_changes)
+
+
+def check_stages(fingerprints: dict, workdir: str, allow_changes: bool = False) -> None:
+    """A resumed transformer run must read the tokens it started with, but a stage retrained or replaced
+    under the same path leaves the config as it was. fingerprints: {stage: fingerprint or None}, now.
+    As `check_resume`, for each stage whose weights differ from the ones the run recorded."""
+    path = os.path.join(workdir, STAGES_FILE)
+    if not (has_checkpoint(workdir) and os.path.exists(path)):
         return
-    listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changes.items())
-    if not allow_changes:
-        raise ValueError(f"{workdir!r} holds a run started with another config ({listed}). Resuming would not "
-                         f"continue that run: use a new --workdir, restore those values, or pass "
-                         f"--allow_config_changes to resume with them anyway")
+    with open(path) as f:
+        saved = json.load(f)
+    changes = {k: (saved[k], now) for k, now in fingerprints.items() if saved.get(k) and now and saved[k] != now}
+    if changes:
+        _refuse_or_note(workdir, changes, "other frozen stage weights", allow_changes)
+
+
+def write_stages(fingerprints: dict, workdir: str) -> None:
+    """Records the run's stage fingerprints (first process only), as `write_config` its config."""
     if jax.process_index() == 0:
-        print(f"resuming {workdir!r} with config changes: {listed}", file=sys.stderr, flush=True)
+        with open(os.path.join(workdir, STAGES_FILE), "w") as f:
+            json.dump(fingerprints, f, indent=2)
 
 
 def write_config(config, workdir: str) -> None:
