@@ -4,7 +4,7 @@
   python sample.py --workdir runs/cin --classes 9,232 --n 16 --top_k 600 --top_p 0.92 --temperature 1.0 --cfg 2.0
   python sample.py --workdir runs/sflckr_gpt --cond seg.png --size 512x1024      # sliding window
   python sample.py --workdir runs/x_gpt --complete photo.png                      # keep the top half
-  python sample.py --gpt converted/gpt --first_stage converted/vqgan --cond_kind class --classes 1 --size 256x256
+  python sample.py --gpt converted/transformer --first_stage converted/first_stage --cond_kind class --classes 1 --size 256x256
 
 A grid larger than the training crop is sampled with the sliding attention window.
 """

@@ -15,6 +15,7 @@ def get_config(arg=None):
     c = default_config()
     c.batch_size = 8
     c.data.size = 256
+    c.data.random_crop = False  # the original's data class takes the centre crop, as for configs/vqgan_custom.py
     c.cond_stage.update(kind="sos", sos_token=0)
     c.model.update(vocab_size=1024, block_size=256, n_layer=24, n_head=16, n_embd=1024)
     if is_runlocal(arg):

@@ -242,6 +242,8 @@ def test_taming_export_refuses_codebook_options():
 
     q, z, variables = _quantizer(codebook_dim=3)
     with pytest.raises(ValueError, match="codebook_dim"):
-        vj.convert.vqgan_to_taming({"quantize": variables["params"]})
+        vj.convert.vqgan_to_taming({"quantize": variables["params"]}, VQGAN())
     with pytest.raises(ValueError, match="l2_normalize"):
-        vj.convert.vqgan_to_taming({"quantize": {}}, model=VQGAN(l2_normalize=True))
+        vj.convert.vqgan_to_taming({"quantize": {}}, VQGAN(l2_normalize=True))
+    with pytest.raises(TypeError, match="model"):  # without the model, l2-normalised codes would pass unseen
+        vj.convert.vqgan_to_taming({"quantize": {}})

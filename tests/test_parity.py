@@ -97,8 +97,8 @@ def test_gpt_greedy_decoding_with_kv_cache(taming):
 def test_round_trip_to_taming(taming, part):
     state = taming.state(part)
     if part == "vq":
-        _, params = vj.convert.vqgan_from_taming(state, taming.vq_params())
-        back = vj.convert.vqgan_to_taming(params)
+        vq, params = vj.convert.vqgan_from_taming(state, taming.vq_params())
+        back = vj.convert.vqgan_to_taming(params, vq)
     elif part == "disc":
         _, variables = vj.convert.discriminator_from_taming(state, **taming.meta["disc"])
         back = vj.convert.discriminator_to_taming(variables)

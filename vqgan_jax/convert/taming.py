@@ -207,11 +207,12 @@ def discriminator_from_taming(state_dict: StateDict, ndf: int = 64, n_layers: in
 
 # ------------------------------------------------------------------------------------------- export
 
-def vqgan_to_taming(params: Mapping, prefix: str = "", model: VQGAN | None = None) -> dict[str, np.ndarray]:
-    """VQGAN params -> a VQModel `state_dict` (numpy arrays, PyTorch layout). Give `model` to have its
-    codebook options checked: the original has neither factorised nor l2-normalised codes."""
+def vqgan_to_taming(params: Mapping, model: VQGAN, prefix: str = "") -> dict[str, np.ndarray]:
+    """VQGAN params -> a VQModel `state_dict` (numpy arrays, PyTorch layout). `model` (the params' VQGAN)
+    is required because its codebook options are checked: the original has neither factorised nor
+    l2-normalised codes, and l2-normalised codes leave no trace in the params."""
     params = _params(params)
-    if "in_proj" in params.get("quantize", {}) or (model is not None and (model.codebook_dim or model.l2_normalize)):
+    if "in_proj" in params.get("quantize", {}) or model.codebook_dim or model.l2_normalize:
         raise ValueError("this VQGAN uses codebook options the original lacks (codebook_dim / l2_normalize): "
                          "a taming checkpoint of it would quantise differently")
     return export_variables({"params": params}, prefix)

@@ -102,7 +102,7 @@ def evaluate(config, workdir: str, split: str | None = None) -> dict:
     written to `workdir/eval_<step>.json`."""
     if config.image_key == "segmentation":
         raise ValueError("--mode eval measures PSNR/LPIPS of images; a segmentation VQGAN's training log has "
-                         "its bce_loss and pixel_accuracy")
+                         "its nll_loss (the BCE) and pixel_accuracy")
     mesh, models, lpips_params, _, checkpointer, state = _open(config, workdir)
     checkpointer.close()
     params = state.ema_params if state.ema_params is not None else state.gen_params
