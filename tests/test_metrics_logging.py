@@ -152,9 +152,10 @@ def test_metric_writer_writes_jsonl_png_and_tensorboard(tmp_path):
     source, progress = types.SimpleNamespace(skipped=2), types.SimpleNamespace(steps_per_sec=1.0)
     with MetricWriter(workdir) as writer:
         writer.write_step(3, {"loss": np.float32(0.25)}, 0.1, progress, source)
+        writer.write_scalars(3, {"val_nll": 1.5})  # a validation record at the same step: no count of its own
     with MetricWriter(workdir, resume_step=3) as writer:
         writer.write_step(4, {"loss": np.float32(0.25)}, 0.1, progress, source)
-    assert [r["skipped_files"] for r in read_jsonl(log)[2:]] == [2, 4]
+    assert [r.get("skipped_files") for r in read_jsonl(log)[2:]] == [2, None, 4]
 
 
 def test_tensorboard_events_hold_the_values(tmp_path):

@@ -232,7 +232,6 @@ def test_vocabulary_check_refuses_codes_the_gpt_cannot_embed():
 
 
 def test_stage_fingerprints_tell_weights_apart_and_caches_of_other_stages_are_refused(tmp_path):
-    from vqgan_jax.train.sharding import make_mesh
     from vqgan_jax.train.stages import fingerprint
     from vqgan_jax.train.transformer_loop import _stages
 
@@ -240,7 +239,7 @@ def test_stage_fingerprints_tell_weights_apart_and_caches_of_other_stages_are_re
     same = {"conv": {"kernel": jnp.zeros((2, 3)), "bias": jnp.ones(3)}}
     assert fingerprint(params) == fingerprint(same) and fingerprint(None) is None
     nudged = {"conv": {"kernel": params["conv"]["kernel"], "bias": params["conv"]["bias"] + 1e-7}}
-    renamed = {"conv": {"kernel": params["conv"]["bias"], "bias": params["conv"]["kernel"]}}
+    renamed = {"conv": {"w": params["conv"]["kernel"], "bias": params["conv"]["bias"]}}
     assert len({fingerprint(params), fingerprint(nudged), fingerprint(renamed)}) == 3
 
     for name, stage in (("train", "a1"), ("eval", "b2")):
@@ -252,7 +251,7 @@ def test_stage_fingerprints_tell_weights_apart_and_caches_of_other_stages_are_re
     config = _loop_config(tmp_path / "train", 1)
     config.data.eval_codes = str(tmp_path / "eval")
     with pytest.raises(ValueError, match="encoded by different first_stage weights .fingerprints a1 and b2"):
-        _stages(config, make_mesh(config.mesh))
+        _stages(config)
 
 
 def _loop_config(cache, steps):
@@ -422,6 +421,10 @@ def test_encode_writes_the_first_stage_codes_and_training_reads_images_or_codes(
     run(images_config, str(tmp_path / "from_images"), allow_config_changes=True)
     with open(tmp_path / "from_images" / "stages.json") as f:
         assert json.load(f)["first_stage"] == fingerprint(retrained)
+    # A cache's codes decoded (sample grids, the export) by a first stage other than the one that encoded them.
+    config.first_stage.checkpoint = str(tmp_path / "vq")
+    with pytest.raises(ValueError, match="holds other weights .* than the first stage data.codes was encoded with"):
+        run(config, str(tmp_path / "codes_other_vq"))
 
 
 def test_export_meta_names_the_stages_by_absolute_path(tiny_first_stage, tmp_path, monkeypatch):

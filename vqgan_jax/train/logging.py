@@ -71,10 +71,10 @@ def read_jsonl(path: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def _truncate_log(path: str, last_step: int) -> dict:
+def _truncate_log(path: str, last_step: int) -> int:
     """Keeps the records of metrics.jsonl up to `last_step`; rewritten by rename, so a crash leaves either
-    log whole. -> the last record kept ({} if none)."""
-    kept, last = [], {}
+    log whole. -> the last `skipped_files` kept (0 if none): validation records carry none."""
+    kept, skipped = [], 0
     with open(path) as f:
         for line in f:
             try:
@@ -83,11 +83,11 @@ def _truncate_log(path: str, last_step: int) -> dict:
                 continue
             if record.get("step", 0) <= last_step:
                 kept.append(line if line.endswith("\n") else line + "\n")
-                last = record
+                skipped = int(record.get("skipped_files", skipped))
     with open(path + ".tmp", "w") as f:
         f.writelines(kept)
     os.replace(path + ".tmp", path)
-    return last
+    return skipped
 
 
 def _tb_write(writer, tag: str, tensor, step: int, plugin: str, data_class: str) -> None:
@@ -118,12 +118,12 @@ class MetricWriter:
         self.enabled = enabled
         self._jsonl = None
         self._tb = None
-        self._skipped_before = 0  # the input's skipped-file count when the run was stopped: it goes on from there
+        self._skipped_before = 0  # the input's skipped-file count last logged before a resume: it goes on from there
         if enabled:
             os.makedirs(workdir, exist_ok=True)
             path = os.path.join(workdir, "metrics.jsonl")
             if resume_step is not None and os.path.exists(path):
-                self._skipped_before = int(_truncate_log(path, resume_step).get("skipped_files", 0))
+                self._skipped_before = _truncate_log(path, resume_step)
             # Append: a resumed run continues the same log.
             self._jsonl = open(path, "a")
 
@@ -151,7 +151,9 @@ class MetricWriter:
 
     def write_step(self, step: int, metrics, step_time: float, progress, source) -> None:
         """A training step's metrics (device arrays) with its time, the run's steps/s and the input's
-        skipped-file count since the run began (across resumes)."""
+        skipped-file count since the run began (across resumes: from the last count logged before it, so
+        the files met between that log step and the checkpoint are not in it, and those of the batches read
+        ahead at the stop are counted again)."""
         import jax
 
         scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}

@@ -33,12 +33,13 @@ def label_colours(maps):
 def _open(config, workdir, allow_config_changes: bool | None = None):
     """-> (mesh, models, lpips_params, shardings, checkpointer, state): `runner.open_run` for the VQGAN."""
     codebook.check_config(config)
+    runner.initialize_distributed(config)  # before the LPIPS weights start a JAX backend
     models = build_models(config)
+    lpips_params = load_lpips_params(config.lpips_path or None)  # a bad path fails before the state is built
     mesh, checkpointer, state, shardings = runner.open_run(
         config, workdir, functools.partial(state_shapes, models, config),
         functools.partial(create_state, models, config), allow_config_changes)
-    lpips_params = jax.device_put(load_lpips_params(config.lpips_path or None), replicated(mesh))
-    return mesh, models, lpips_params, shardings, checkpointer, state
+    return mesh, models, jax.device_put(lpips_params, replicated(mesh)), shardings, checkpointer, state
 
 
 def run(config, workdir: str, allow_config_changes: bool = False):
@@ -47,8 +48,9 @@ def run(config, workdir: str, allow_config_changes: bool = False):
     signal stopped it first."""
     os.makedirs(workdir, exist_ok=True)
     mesh, models, lpips_params, shardings, checkpointer, state = _open(config, workdir, allow_config_changes)
-    source = data.train_iterator(config.data, global_batch_size=config.batch_size, seed=config.seed,
-                                 start_step=int(state.step))
+    with runner.closed_on_error(checkpointer):
+        source = data.train_iterator(config.data, global_batch_size=config.batch_size, seed=config.seed,
+                                     start_step=int(state.step))
     repl = replicated(mesh)
     steps = {}
 

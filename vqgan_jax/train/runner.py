@@ -6,6 +6,7 @@ progress, checkpoints (periodic, on SIGTERM/SIGINT, after an error, at the end),
 when to stop, and `Interrupted` when a signal stopped it first.
 """
 
+import contextlib
 import functools
 import signal
 import threading
@@ -73,6 +74,17 @@ def open_run(config, workdir: str, state_shapes: Callable, create_state: Callabl
     else:
         state, shardings = create_state(mesh, rng)
     return mesh, checkpointer, state, shardings
+
+
+@contextlib.contextmanager
+def closed_on_error(checkpointer: Checkpointer):
+    """Closes `checkpointer` if the block raises: for what a loop sets up between `open_run` and `train`
+    (which closes it itself)."""
+    try:
+        yield
+    except BaseException:
+        checkpointer.close()
+        raise
 
 
 def run_step(step_fn, state, args, timed: bool):

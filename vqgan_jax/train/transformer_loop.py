@@ -23,50 +23,48 @@ from vqgan_jax.train.transformer import (build_gpt, create_state, jit_train_step
 from vqgan_jax.train.workdir import check_stages, write_stages
 
 
-def _stages(config, mesh):
-    """-> (stage_models, stage_params replicated) when training reads images; (None, None) with a code
-    cache (whose vocabulary is checked against the GPT's instead)."""
-    if config.data.codes:
-        from vqgan_jax.data.codes import CodeCache
+def _stages(config):
+    """-> ((stage_models, stage_params), fingerprints). Stages: loaded when training reads images, (None,
+    None) with a code cache (whose vocabulary is checked against the GPT's instead). fingerprints:
+    {"first_stage", "cond_stage"}, `stages.fingerprint` of the loaded weights, or the ones the cache's
+    meta data records (None where a stage is absent, or an older cache has none)."""
+    if not config.data.codes:
+        models, params = load_stages(config)
+        return (models, params), {"first_stage": fingerprint(params[0]), "cond_stage": fingerprint(params[1])}
+    from vqgan_jax.data.codes import CodeCache
 
-        metas = {field: CodeCache(config.data[field]).meta for field in ("codes", "eval_codes") if config.data[field]}
-        for field, meta in metas.items():
-            check_code_cache(config, meta, field)
-        if "eval_codes" in metas and any(metas["codes"][k] != metas["eval_codes"][k]
-                                         for k in ("code_shape", "cond_length")):
+    metas = {field: CodeCache(config.data[field]).meta for field in ("codes", "eval_codes") if config.data[field]}
+    for field, meta in metas.items():
+        check_code_cache(config, meta, field)
+    fingerprints = {stage: metas["codes"].get(f"{stage}_fingerprint") for stage in ("first_stage", "cond_stage")}
+    if "eval_codes" in metas:
+        if any(metas["codes"][k] != metas["eval_codes"][k] for k in ("code_shape", "cond_length")):
             raise ValueError(f"data.codes and data.eval_codes hold sequences of different shapes: code grids "
                              f"{metas['codes']['code_shape']} and {metas['eval_codes']['code_shape']}, conditions "
                              f"of {metas['codes']['cond_length']} and {metas['eval_codes']['cond_length']} tokens")
-        if "eval_codes" in metas:
-            for stage in ("first_stage", "cond_stage"):
-                a, b = (metas[field].get(f"{stage}_fingerprint") for field in ("codes", "eval_codes"))
-                if a and b and a != b:
-                    raise ValueError(f"data.codes and data.eval_codes were encoded by different {stage} weights "
-                                     f"(fingerprints {a} and {b}): their codes do not mean the same images")
-        return None, None
-    models, params = load_stages(config)
-    return models, jax.device_put(params, replicated(mesh))
+        for stage, a in fingerprints.items():
+            b = metas["eval_codes"].get(f"{stage}_fingerprint")
+            if a and b and a != b:
+                raise ValueError(f"data.codes and data.eval_codes were encoded by different {stage} weights "
+                                 f"(fingerprints {a} and {b}): their codes do not mean the same images")
+    return (None, None), fingerprints
 
 
 def _open(config, workdir, allow_config_changes: bool | None = None):
-    """-> (mesh, gpt, tx, shardings, checkpointer, state): `runner.open_run` for the GPT."""
+    """-> (mesh, gpt, tx, shardings, checkpointer, state, stages, fingerprints): `runner.open_run` for the
+    GPT, after the frozen stages (`_stages`; their params come back replicated over the mesh) are loaded
+    and checked against the ones the run recorded: refused on resume (unless `allow_config_changes`),
+    noted when evaluating (None)."""
     check_config(config)
+    runner.initialize_distributed(config)  # before the stages' weights start a JAX backend
     gpt, tx = build_gpt(config), optimizer(config)
+    (stage_models, stage_params), fingerprints = _stages(config)
+    check_stages(fingerprints, workdir, allow_config_changes is not False)
     mesh, checkpointer, state, shardings = runner.open_run(
         config, workdir, functools.partial(state_shapes, gpt, tx, config),
         functools.partial(create_state, gpt, tx, config), allow_config_changes)
-    return mesh, gpt, tx, shardings, checkpointer, state
-
-
-def stage_fingerprints(config, stages) -> dict:
-    """{"first_stage": ..., "cond_stage": ...}: `stages.fingerprint` of the frozen stages' weights, or with a
-    code cache the ones its meta data records (None where a stage is absent, or an older cache has none)."""
-    if config.data.codes:
-        from vqgan_jax.data.codes import CodeCache
-
-        meta = CodeCache(config.data.codes).meta
-        return {stage: meta.get(f"{stage}_fingerprint") for stage in ("first_stage", "cond_stage")}
-    return {"first_stage": fingerprint(stages[1][0]), "cond_stage": fingerprint(stages[1][1])}
+    stages = (stage_models, jax.device_put(stage_params, replicated(mesh)))
+    return mesh, gpt, tx, shardings, checkpointer, state, stages, fingerprints
 
 
 def _train_batches(config, start):
@@ -85,13 +83,13 @@ def _eval_batches(config):
 
 def validation_nll(config, gpt, params, stages, mesh) -> dict | None:
     """Mean negative log-likelihood of the validation codes: nats and bits per token. stages:
-    (stage_models, stage_params) as `_stages` returns them."""
+    (stage_models, stage_params) as `_open` returns them."""
     batches = _eval_batches(config)
     if batches is None:
         return None
     stage_models, stage_params = stages
-    step = jax.jit(make_eval_step(gpt, config, stage_models), in_shardings=(None, batch_sharding(mesh), replicated(mesh)),
-                   out_shardings=replicated(mesh))
+    step = jax.jit(make_eval_step(gpt, config, stage_models),
+                   in_shardings=(None, batch_sharding(mesh), replicated(mesh)), out_shardings=replicated(mesh))
     total, tokens = 0.0, 0
     for i, batch in enumerate(batches):
         if config.eval_batches and i >= config.eval_batches:
@@ -103,14 +101,21 @@ def validation_nll(config, gpt, params, stages, mesh) -> dict | None:
     return {"val_nll": total / tokens, "val_bits_per_token": total / tokens / np.log(2.0), "val_tokens": tokens}
 
 
-def first_stage_for_samples(config, stages):
+def first_stage_for_samples(config, stages, fingerprints):
     """(vq, params) to decode sample grids: the loaded first stage, or with a code cache the one named in
-    the config (None when there is none)."""
+    the config (None when there is none), which must be the one the cache was encoded with: the export's
+    net2net.json names it for sampling too."""
     if stages[0] is not None:
         return stages[0][0], stages[1][0]
     if not config.first_stage.checkpoint:
         return None
-    return load_vqgan(config.first_stage.checkpoint, config.first_stage.config)
+    vq, params = load_vqgan(config.first_stage.checkpoint, config.first_stage.config)
+    encoded_with, now = fingerprints["first_stage"], fingerprint(params)
+    if encoded_with and now != encoded_with:
+        raise ValueError(f"first_stage.checkpoint={config.first_stage.checkpoint!r} holds other weights ({now}) "
+                         f"than the first stage data.codes was encoded with ({encoded_with}): its sample grids, "
+                         f"and sampling from the export, would decode the codes with the wrong VQGAN")
+    return vq, params
 
 
 def sample_grid(config, gpt, params, batch, stages, first, rng):
@@ -146,13 +151,12 @@ def run(config, workdir: str, allow_config_changes: bool = False):
     (refused if the config changed since, unless `allow_config_changes`). Raises `Interrupted` when a
     signal stopped it first."""
     os.makedirs(workdir, exist_ok=True)
-    mesh, gpt, tx, shardings, checkpointer, state = _open(config, workdir, allow_config_changes)
-    stages = _stages(config, mesh)
-    fingerprints = stage_fingerprints(config, stages)
-    check_stages(fingerprints, workdir, allow_config_changes)
-    write_stages(fingerprints, workdir)
-    first = first_stage_for_samples(config, stages)
-    source = _train_batches(config, int(state.step))
+    mesh, gpt, tx, shardings, checkpointer, state, stages, fingerprints = _open(config, workdir,
+                                                                               allow_config_changes)
+    with runner.closed_on_error(checkpointer):
+        first = first_stage_for_samples(config, stages, fingerprints)
+        source = _train_batches(config, int(state.step))
+        write_stages(fingerprints, workdir)
     train_step = jit_train_step(gpt, tx, config, mesh, shardings, stages[0])
 
     def after_step(step, state, batch, writer):
@@ -182,9 +186,9 @@ def run(config, workdir: str, allow_config_changes: bool = False):
 
 def evaluate(config, workdir: str) -> dict:
     """Validation NLL of the last checkpoint, written to `workdir/eval_<step>.json`."""
-    mesh, gpt, _, _, checkpointer, state = _open(config, workdir)
+    mesh, gpt, _, _, checkpointer, state, stages, _ = _open(config, workdir)
     checkpointer.close()
-    result = validation_nll(config, gpt, state.params, _stages(config, mesh), mesh)
+    result = validation_nll(config, gpt, state.params, stages, mesh)
     if result is None:
         raise ValueError("no validation data: set data.eval_codes (with a code cache) or the image data")
     result["step"] = int(state.step)

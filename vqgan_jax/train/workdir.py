@@ -67,7 +67,7 @@ def _refuse_or_note(workdir: str, changes: dict, what: str, allow_changes: bool)
                          f"continue that run: use a new --workdir, restore those values, or pass "
                          f"--allow_config_changes to resume with them anyway")
     if jax.process_index() == 0:
-        print(f"resuming {workdir!r} with {what}: {listed}", file=sys.stderr, flush=True)
+        print(f"{workdir!r}: going on with {what}: {listed}", file=sys.stderr, flush=True)
 
 
 def check_resume(config, workdir: str, allow_changes: bool = False) -> None:
@@ -82,21 +82,31 @@ def check_stages(fingerprints: dict, workdir: str, allow_changes: bool = False) 
     """A resumed transformer run must read the tokens it started with, but a stage retrained or replaced
     under the same path leaves the config as it was. fingerprints: {stage: fingerprint or None}, now.
     As `check_resume`, for each stage whose weights differ from the ones the run recorded."""
-    path = os.path.join(workdir, STAGES_FILE)
-    if not (has_checkpoint(workdir) and os.path.exists(path)):
-        return
-    with open(path) as f:
-        saved = json.load(f)
+    saved = _saved_stages(workdir) if has_checkpoint(workdir) else {}
     changes = {k: (saved[k], now) for k, now in fingerprints.items() if saved.get(k) and now and saved[k] != now}
     if changes:
         _refuse_or_note(workdir, changes, "other frozen stage weights", allow_changes)
 
 
+def _saved_stages(workdir: str) -> dict:
+    path = os.path.join(workdir, STAGES_FILE)
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
 def write_stages(fingerprints: dict, workdir: str) -> None:
-    """Records the run's stage fingerprints (first process only), as `write_config` its config."""
+    """Records the run's stage fingerprints (first process only), keeping a recorded one where a stage's is
+    unknown now (an older code cache): the next resume still checks it. Written by rename, as the other
+    hosts may be reading it."""
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, STAGES_FILE), "w") as f:
-            json.dump(fingerprints, f, indent=2)
+        saved = _saved_stages(workdir) if has_checkpoint(workdir) else {}
+        merged = {k: now or saved.get(k) for k, now in fingerprints.items()}
+        path = os.path.join(workdir, STAGES_FILE)
+        with open(path + ".tmp", "w") as f:
+            json.dump(merged, f, indent=2)
+        os.replace(path + ".tmp", path)
 
 
 def write_config(config, workdir: str) -> None:
