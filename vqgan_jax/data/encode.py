@@ -52,7 +52,7 @@ def encode(config, out: str, split: str = "train", passes: float = 1.0, overwrit
     from vqgan_jax import data
     from vqgan_jax.train.runner import initialize_distributed
     from vqgan_jax.train.sharding import batch_sharding, make_mesh, replicated
-    from vqgan_jax.train.stages import check_config, fingerprint, load_stages, token_counts
+    from vqgan_jax.train.stages import check_config, load_stages, stage_fingerprints, token_counts
     from vqgan_jax.train.transformer import batch_tokens
 
     if split not in ("train", "eval"):
@@ -63,7 +63,7 @@ def encode(config, out: str, split: str = "train", passes: float = 1.0, overwrit
     initialize_distributed(config)
     mesh = make_mesh([("data", -1)])
     stage_models, stage_params = load_stages(config)
-    fingerprints = [fingerprint(p) for p in stage_params]
+    fingerprints = stage_fingerprints(stage_params)
     _remove_cache_files(out, jax.process_index(), jax.process_count())  # only once the stages load
     stage_params = jax.device_put(stage_params, replicated(mesh))
     encode_batch = jax.jit(lambda batch, params: batch_tokens(config, batch, stage_models, params),
@@ -97,7 +97,7 @@ def encode(config, out: str, split: str = "train", passes: float = 1.0, overwrit
             **dict(zip(("first_stage_codes", "cond_tokens"), token_counts(config, *stage_models))),
             "passes": passes if split == "train" else 1,
             "first_stage": config.first_stage.checkpoint, "cond_stage": config.cond_stage.checkpoint,
-            "first_stage_fingerprint": fingerprints[0], "cond_stage_fingerprint": fingerprints[1],
+            **{f"{stage}_fingerprint": value for stage, value in fingerprints.items()},
             "data": config.data.to_dict()}
     if jax.process_index() == 0:
         with open(os.path.join(out, META), "w") as f:

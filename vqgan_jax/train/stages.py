@@ -62,6 +62,15 @@ def fingerprint(params) -> str | None:
     return digest.hexdigest()[:16]
 
 
+STAGES = ("first_stage", "cond_stage")  # the frozen stages, in the order `load_stages` returns them
+
+
+def stage_fingerprints(stage_params) -> dict:
+    """(first_params, cond_params or None) -> {"first_stage": ..., "cond_stage": ...} `fingerprint`s: the
+    keys of a run's stages.json, and with `_fingerprint` appended, of a code cache's meta data."""
+    return {name: fingerprint(params) for name, params in zip(STAGES, stage_params)}
+
+
 def check_config(config) -> None:
     """Combinations that would train on wrong conditions, refused before anything runs."""
     from vqgan_jax.net2net import COND_KINDS

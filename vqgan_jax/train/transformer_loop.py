@@ -17,7 +17,8 @@ from vqgan_jax.data.codes import code_batches, code_eval_batches
 from vqgan_jax.pretrained import save_pretrained
 from vqgan_jax.train import runner
 from vqgan_jax.train.sharding import batch_sharding, replicated
-from vqgan_jax.train.stages import check_code_cache, check_config, fingerprint, load_stages, load_vqgan
+from vqgan_jax.train.stages import (STAGES, check_code_cache, check_config, fingerprint, load_stages, load_vqgan,
+                                    stage_fingerprints)
 from vqgan_jax.train.transformer import (build_gpt, create_state, jit_train_step, make_eval_step, optimizer,
                                          state_shapes)
 from vqgan_jax.train.workdir import check_stages, write_stages
@@ -26,17 +27,17 @@ from vqgan_jax.train.workdir import check_stages, write_stages
 def _stages(config):
     """-> ((stage_models, stage_params), fingerprints). Stages: loaded when training reads images, (None,
     None) with a code cache (whose vocabulary is checked against the GPT's instead). fingerprints:
-    {"first_stage", "cond_stage"}, `stages.fingerprint` of the loaded weights, or the ones the cache's
-    meta data records (None where a stage is absent, or an older cache has none)."""
+    `stages.stage_fingerprints` of the loaded weights, or the ones the cache's meta data records (None
+    where a stage is absent, or an older cache has none)."""
     if not config.data.codes:
         models, params = load_stages(config)
-        return (models, params), {"first_stage": fingerprint(params[0]), "cond_stage": fingerprint(params[1])}
+        return (models, params), stage_fingerprints(params)
     from vqgan_jax.data.codes import CodeCache
 
     metas = {field: CodeCache(config.data[field]).meta for field in ("codes", "eval_codes") if config.data[field]}
     for field, meta in metas.items():
         check_code_cache(config, meta, field)
-    fingerprints = {stage: metas["codes"].get(f"{stage}_fingerprint") for stage in ("first_stage", "cond_stage")}
+    fingerprints = {stage: metas["codes"].get(f"{stage}_fingerprint") for stage in STAGES}
     if "eval_codes" in metas:
         if any(metas["codes"][k] != metas["eval_codes"][k] for k in ("code_shape", "cond_length")):
             raise ValueError(f"data.codes and data.eval_codes hold sequences of different shapes: code grids "
