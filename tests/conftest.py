@@ -2,8 +2,9 @@ import json
 import os
 import tempfile
 
-# Compiled programs are cached across the tests and their subprocesses (which inherit these variables):
-# the training tests compile the same steps in several runs, and XLA on 2 CPU cores is slow to compile.
+# Compiled programs are cached across the tests, their subprocesses (which inherit these variables) and the
+# xdist workers: the training tests compile the same steps in several runs, and XLA on 2 CPU cores is slow to
+# compile. An entry read while another worker still writes it fails to load: JAX warns and compiles again.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "vqgan_jax_test_cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")

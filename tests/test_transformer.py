@@ -270,7 +270,7 @@ def test_training_from_a_code_cache_learns_and_resumes_exactly(tmp_path, monkeyp
     refused, and a damaged checkpoint is named."""
     import signal
 
-    from vqgan_jax.train import Interrupted, run, runner
+    from vqgan_jax.train import Interrupted, evaluate, run, runner
     from vqgan_jax.train.logging import read_jsonl
 
     _write_cache(tmp_path / "cache", n=16)
@@ -308,6 +308,11 @@ def test_training_from_a_code_cache_learns_and_resumes_exactly(tmp_path, monkeyp
     losses = [r["loss"] for r in log if "loss" in r]
     assert losses[-1] < losses[0]  # the cache's codes are a simple pattern
     assert any("val_bits_per_token" in r for r in log)
+    evaluated = evaluate(_loop_config(tmp_path / "cache", 6), str(tmp_path / "a"))
+    last_val = [r for r in log if "val_bits_per_token" in r][-1]  # written by the run's end, at step 6
+    assert evaluated["step"] == last_val["step"] == 6 and evaluated["val_tokens"] == last_val["val_tokens"]
+    np.testing.assert_allclose(evaluated["val_bits_per_token"], last_val["val_bits_per_token"], rtol=1e-5)
+    assert os.path.exists(tmp_path / "a" / "eval_6.json")
     assert os.path.exists(tmp_path / "a" / "export" / "gpt" / "config.json")
     assert [r["step"] for r in read_jsonl(str(tmp_path / "b" / "metrics.jsonl")) if "loss" in r] == [1, 2, 3, 4, 5, 6]
 
@@ -440,12 +445,14 @@ def test_export_meta_names_the_stages_by_absolute_path(tiny_first_stage, tmp_pat
 
 
 def test_missing_first_stage_is_named(tiny_first_stage, tmp_path):
-    from vqgan_jax.train import run
+    from vqgan_jax.train import evaluate, run
 
     config = _image_config(tiny_first_stage[0])
     config.first_stage.checkpoint = str(tmp_path / "nowhere.ckpt")
     with pytest.raises(FileNotFoundError, match="first_stage.checkpoint"):
         run(config, str(tmp_path / "run"))
+    with pytest.raises(FileNotFoundError, match="no checkpoint in .* to evaluate"):  # named before the stages
+        evaluate(config, str(tmp_path / "run"))
     config.first_stage.checkpoint = ""
     with pytest.raises(ValueError, match="first_stage.checkpoint is not set"):
         run(config, str(tmp_path / "run"))

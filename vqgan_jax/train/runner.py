@@ -49,6 +49,12 @@ def check_run(config, mesh) -> None:
                          f"{dict(mesh.shape)}: the batch is split evenly over them")
 
 
+def require_checkpoint(workdir: str) -> None:
+    """Evaluating needs a checkpoint: FileNotFoundError naming the workdir, before any weights are loaded."""
+    if not has_checkpoint(workdir):
+        raise FileNotFoundError(f"no checkpoint in {workdir!r} to evaluate: train there first")
+
+
 def open_run(config, workdir: str, state_shapes: Callable, create_state: Callable,
              allow_config_changes: bool | None = None):
     """-> (mesh, checkpointer, state, shardings): the state restored from `workdir`'s last checkpoint, or
@@ -59,8 +65,8 @@ def open_run(config, workdir: str, state_shapes: Callable, create_state: Callabl
     `workdir.check_resume`); None when evaluating, which reads the last checkpoint whatever the config and
     needs one to be there.
     """
-    if allow_config_changes is None and not has_checkpoint(workdir):
-        raise FileNotFoundError(f"no checkpoint in {workdir!r} to evaluate: train there first")
+    if allow_config_changes is None:
+        require_checkpoint(workdir)
     initialize_distributed(config)
     mesh = make_mesh(config.mesh)
     check_run(config, mesh)

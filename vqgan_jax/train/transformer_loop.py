@@ -57,6 +57,8 @@ def _open(config, workdir, allow_config_changes: bool | None = None):
     and checked against the ones the run recorded: refused on resume (unless `allow_config_changes`),
     noted when evaluating (None)."""
     check_config(config)
+    if allow_config_changes is None:
+        runner.require_checkpoint(workdir)  # before the stages are loaded, which may fail on their own
     runner.initialize_distributed(config)  # before the stages' weights start a JAX backend
     gpt, tx = build_gpt(config), optimizer(config)
     (stage_models, stage_params), fingerprints = _stages(config)
