@@ -105,6 +105,7 @@ def evaluate(config, workdir: str, split: str | None = None) -> dict:
     if config.image_key == "segmentation":
         raise ValueError("--mode eval measures PSNR/LPIPS of images; a segmentation VQGAN's training log has "
                          "its nll_loss (the BCE) and pixel_accuracy")
+    runner.require_checkpoint(workdir)
     mesh, models, lpips_params, _, checkpointer, state = _open(config, workdir)
     checkpointer.close()
     params = state.ema_params if state.ema_params is not None else state.gen_params

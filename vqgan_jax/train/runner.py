@@ -50,7 +50,8 @@ def check_run(config, mesh) -> None:
 
 
 def require_checkpoint(workdir: str) -> None:
-    """Evaluating needs a checkpoint: FileNotFoundError naming the workdir, before any weights are loaded."""
+    """Evaluating needs a checkpoint: FileNotFoundError naming the workdir. Called first, as the loops load
+    other weights (LPIPS, the frozen stages) before `open_run`."""
     if not has_checkpoint(workdir):
         raise FileNotFoundError(f"no checkpoint in {workdir!r} to evaluate: train there first")
 
@@ -62,11 +63,9 @@ def open_run(config, workdir: str, state_shapes: Callable, create_state: Callabl
 
     state_shapes(mesh, rng) -> (abstract state, shardings); create_state(mesh, rng) -> (state, shardings).
     allow_config_changes: a bool when training (a resumed run's config is checked against the run's,
-    `workdir.check_resume`); None when evaluating, which reads the last checkpoint whatever the config and
-    needs one to be there.
+    `workdir.check_resume`); None when evaluating, which reads the last checkpoint whatever the config (the
+    caller has checked that there is one: `require_checkpoint`).
     """
-    if allow_config_changes is None:
-        require_checkpoint(workdir)
     initialize_distributed(config)
     mesh = make_mesh(config.mesh)
     check_run(config, mesh)

@@ -57,8 +57,6 @@ def _open(config, workdir, allow_config_changes: bool | None = None):
     and checked against the ones the run recorded: refused on resume (unless `allow_config_changes`),
     noted when evaluating (None)."""
     check_config(config)
-    if allow_config_changes is None:
-        runner.require_checkpoint(workdir)  # before the stages are loaded, which may fail on their own
     runner.initialize_distributed(config)  # before the stages' weights start a JAX backend
     gpt, tx = build_gpt(config), optimizer(config)
     (stage_models, stage_params), fingerprints = _stages(config)
@@ -189,6 +187,7 @@ def run(config, workdir: str, allow_config_changes: bool = False):
 
 def evaluate(config, workdir: str) -> dict:
     """Validation NLL of the last checkpoint, written to `workdir/eval_<step>.json`."""
+    runner.require_checkpoint(workdir)
     mesh, gpt, _, _, checkpointer, state, stages, _ = _open(config, workdir)
     checkpointer.close()
     result = validation_nll(config, gpt, state.params, stages, mesh)
