@@ -6,7 +6,6 @@ export.
 """
 
 import functools
-import json
 import os
 
 import jax
@@ -21,6 +20,7 @@ from vqgan_jax.train import codebook, runner
 from vqgan_jax.train.sharding import batch_sharding, replicated
 from vqgan_jax.train.state import build_models, create_state, state_shapes
 from vqgan_jax.train.steps import jit_train_step, make_eval_step, model_input, phase
+from vqgan_jax.train.workdir import write_eval
 
 
 def label_colours(maps):
@@ -110,7 +110,5 @@ def evaluate(config, workdir: str, split: str | None = None) -> dict:
     checkpointer.close()
     params = state.ema_params if state.ema_params is not None else state.gen_params
     result = dict(reconstruction_metrics(models, config, params, lpips_params, mesh, split), step=int(state.step))
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, f"eval_{int(state.step)}.json"), "w") as f:
-            json.dump(result, f, indent=2)
+    write_eval(result, workdir)
     return result

@@ -21,7 +21,7 @@ from vqgan_jax.train.stages import (STAGES, check_code_cache, check_config, fing
                                     stage_fingerprints)
 from vqgan_jax.train.transformer import (build_gpt, create_state, jit_train_step, make_eval_step, optimizer,
                                          state_shapes)
-from vqgan_jax.train.workdir import check_stages, write_stages
+from vqgan_jax.train.workdir import check_stages, write_eval, write_stages
 
 
 def _stages(config):
@@ -194,7 +194,5 @@ def evaluate(config, workdir: str) -> dict:
     if result is None:
         raise ValueError("no validation data: set data.eval_codes (with a code cache) or the image data")
     result["step"] = int(state.step)
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, f"eval_{int(state.step)}.json"), "w") as f:
-            json.dump(result, f, indent=2)
+    write_eval(result, workdir)
     return result

@@ -1,5 +1,5 @@
 """The run's config in `workdir/config.json`, and what a resumed run may change in it; a transformer run's
-frozen stages in `workdir/stages.json`.
+frozen stages in `workdir/stages.json`; `--mode eval`'s results in `workdir/eval_<step>.json`.
 
 A resumed run is exact only if it trains as the first one did: a changed batch size replays or skips data
 and changes the learning rate, a changed seed changes the data order, a changed loss weight changes the
@@ -82,15 +82,17 @@ def check_stages(fingerprints: dict, workdir: str, allow_changes: bool = False) 
     """A resumed transformer run must read the tokens it started with, but a stage retrained or replaced
     under the same path leaves the config as it was. fingerprints: {stage: fingerprint or None}, now.
     As `check_resume`, for each stage whose weights differ from the ones the run recorded."""
-    saved = _saved_stages(workdir) if has_checkpoint(workdir) else {}
+    saved = _saved_stages(workdir)
     changes = {k: (saved[k], now) for k, now in fingerprints.items() if saved.get(k) and now and saved[k] != now}
     if changes:
         _refuse_or_note(workdir, changes, "other frozen stage weights", allow_changes)
 
 
 def _saved_stages(workdir: str) -> dict:
+    """The fingerprints the run recorded; none without a checkpoint (a run that never saved one has
+    nothing to continue)."""
     path = os.path.join(workdir, STAGES_FILE)
-    if not os.path.exists(path):
+    if not (has_checkpoint(workdir) and os.path.exists(path)):
         return {}
     with open(path) as f:
         return json.load(f)
@@ -101,7 +103,7 @@ def write_stages(fingerprints: dict, workdir: str) -> None:
     unknown now (an older code cache): the next resume still checks it. Written by rename, as the other
     hosts may be reading it."""
     if jax.process_index() == 0:
-        saved = _saved_stages(workdir) if has_checkpoint(workdir) else {}
+        saved = _saved_stages(workdir)
         merged = {k: now or saved.get(k) for k, now in fingerprints.items()}
         path = os.path.join(workdir, STAGES_FILE)
         with open(path + ".tmp", "w") as f:
@@ -114,3 +116,10 @@ def write_config(config, workdir: str) -> None:
     if jax.process_index() == 0:
         with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
             f.write(config.to_json_best_effort(indent=2))
+
+
+def write_eval(result: dict, workdir: str) -> None:
+    """`--mode eval`'s result as `workdir/eval_<result["step"]>.json` (first process only)."""
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, f"eval_{result['step']}.json"), "w") as f:
+            json.dump(result, f, indent=2)
