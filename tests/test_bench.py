@@ -125,3 +125,20 @@ def test_quality_overrides_reach_top_level_and_nested_fields():
     c = quality.build_config(load_workloads()["vqgan_train_step"], "l2_restart", "t.txt", "e.txt", 10, 8, 0, sets)
     assert (c.param_init, c.loss.perceptual_dropout, c.codebook.restart_dead) == ("flax", 0, 20)
     assert c.model.l2_normalize and c.model.embed_dim == 8  # the variant's own settings stay
+
+
+def test_original_cuda_harness_names_what_it_is_missing(tmp_path, monkeypatch):
+    """bench/original_cuda.py runs the shared bench_original.py's builders: without that file, or without
+    the original's source, it says which and where to point it."""
+    from bench import original_cuda
+
+    monkeypatch.setenv("BENCH_ORIGINAL", str(tmp_path / "absent.py"))
+    with pytest.raises(FileNotFoundError, match="bench_original.py not found .*set BENCH_ORIGINAL"):
+        original_cuda.load_bench_original()
+    shared = next((p for p in original_cuda.ORIGINAL_PATHS if os.path.exists(p)), None)
+    if shared is None:
+        pytest.skip("no ../shared beside the checkout")
+    monkeypatch.setenv("BENCH_ORIGINAL", shared)
+    monkeypatch.setenv("TAMING_SRC", str(tmp_path))  # no taming/ in it
+    with pytest.raises(SystemExit, match="TAMING_SRC"):
+        original_cuda.load_bench_original()
