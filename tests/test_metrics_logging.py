@@ -158,23 +158,28 @@ def test_metric_writer_writes_jsonl_png_and_tensorboard(tmp_path):
     assert [r.get("skipped_files") for r in read_jsonl(log)[2:]] == [2, None, 4]
 
 
-def test_tensorboard_events_hold_the_values(tmp_path):
-    """Read back as TensorBoard would: the plugin a tag belongs to, the scalar, the PNG grid."""
+def _tb_values(workdir) -> list:
+    """[(tag, step, summary value)] of every event file under workdir/tb, read as TensorBoard reads them."""
     from tensorflow.core.util import event_pb2
     from tensorflow.python.lib.io import tf_record
 
+    values = []
+    for path in sorted(glob.glob(os.path.join(str(workdir), "tb", "events.out.tfevents.*"))):
+        for raw in tf_record.tf_record_iterator(path):
+            event = event_pb2.Event.FromString(raw)
+            values += [(v.tag, event.step, v) for v in event.summary.value]
+    return values
+
+
+def test_tensorboard_events_hold_the_values(tmp_path):
+    """Read back as TensorBoard would: the plugin a tag belongs to, the scalar, the PNG grid."""
     from vqgan_jax.data._tf import tf
 
     images = np.linspace(-1, 1, 2 * 4 * 5 * 3).reshape(2, 4, 5, 3)
     with MetricWriter(str(tmp_path)) as writer:
         writer.write_scalars(7, {"loss": 0.5})
         writer.write_images(7, "samples", images)
-    tags = {}
-    for path in glob.glob(str(tmp_path / "tb" / "events.out.tfevents.*")):
-        for raw in tf_record.tf_record_iterator(path):
-            event = event_pb2.Event.FromString(raw)
-            for v in event.summary.value:
-                tags[v.tag] = (event.step, v)
+    tags = {tag: (step, v) for tag, step, v in _tb_values(tmp_path)}
     (step, loss), (image_step, image) = tags["loss"], tags["samples"]
     assert step == image_step == 7
     assert loss.metadata.plugin_data.plugin_name == "scalars"
@@ -184,6 +189,24 @@ def test_tensorboard_events_hold_the_values(tmp_path):
     assert (int(width), int(height)) == (2 * 5, 4)
     with Image.open(io.BytesIO(png)) as decoded:
         np.testing.assert_array_equal(np.asarray(decoded), image_grid(images))
+
+
+def test_resume_drops_the_tensorboard_events_past_the_resumed_step(tmp_path):
+    """As for metrics.jsonl: a run killed at step 3 (mid-record) after its checkpoint at step 1 logs steps
+    2 and 3 again, so TensorBoard must not keep the killed run's values of them."""
+    from vqgan_jax.data._tf import tf
+
+    with MetricWriter(str(tmp_path)) as writer:
+        for step in (1, 2, 3):
+            writer.write_scalars(step, {"loss": step / 8})
+        writer.write_images(3, "samples", np.zeros((1, 4, 4, 3)))
+    (path,) = glob.glob(str(tmp_path / "tb" / "events.out.tfevents.*"))
+    with open(path, "ab") as f:
+        f.write(b"\x40\x00\x00")  # the start of a record the kill cut short
+    with MetricWriter(str(tmp_path), resume_step=1) as writer:
+        writer.write_scalars(2, {"loss": 0.75})
+    logged = [(tag, step, float(tf().make_ndarray(v.tensor))) for tag, step, v in _tb_values(tmp_path)]
+    assert sorted(logged) == [("loss", 1, 0.125), ("loss", 2, 0.75)]
 
 
 def test_disabled_writer_writes_nothing(tmp_path):

@@ -90,6 +90,29 @@ def _truncate_log(path: str, last_step: int) -> int:
     return skipped
 
 
+def _truncate_tb(tb_dir: str, last_step: int) -> None:
+    """Drops the TensorBoard events past `last_step` from the event files in `tb_dir`, as `_truncate_log`
+    does for metrics.jsonl (TensorBoard would draw both runs' values of those steps); a file is rewritten
+    by rename, and only when it holds such events. A record cut short by the kill ends its file."""
+    tf = _tensorflow()
+    from tensorflow.core.util import event_pb2
+    from tensorflow.python.lib.io import tf_record
+
+    for path in tf.io.gfile.glob(os.path.join(tb_dir, "events.out.tfevents.*")):
+        records = []
+        try:
+            for raw in tf_record.tf_record_iterator(path):
+                records.append(raw)
+        except tf.errors.DataLossError:
+            pass
+        kept = [raw for raw in records if event_pb2.Event.FromString(raw).step <= last_step]
+        if len(kept) < len(records) or os.path.getsize(path) > sum(len(r) + 16 for r in records):
+            with tf.io.TFRecordWriter(path + ".tmp") as f:
+                for raw in kept:
+                    f.write(raw)
+            os.replace(path + ".tmp", path)
+
+
 def _tb_write(writer, tag: str, tensor, step: int, plugin: str, data_class: str) -> None:
     """Writes `tensor` with the SummaryMetadata TensorBoard's own `tf.summary.scalar` / `image` attach
     (their plugin data, version 0, serialises to b""). Done by hand because tensorflow-cpu does not
@@ -113,7 +136,8 @@ class MetricWriter:
 
     def __init__(self, workdir: str, enabled: bool = True, resume_step: int | None = None):
         """resume_step: the step a run resumes from. Records past it (logged by a run killed after its last
-        checkpoint, and about to be logged again) are dropped from metrics.jsonl, as is a line cut short."""
+        checkpoint, and about to be logged again) are dropped from metrics.jsonl and TensorBoard's event
+        files, as is a line or a record cut short."""
         self.workdir = workdir
         self.enabled = enabled
         self._jsonl = None
@@ -124,6 +148,8 @@ class MetricWriter:
             path = os.path.join(workdir, "metrics.jsonl")
             if resume_step is not None and os.path.exists(path):
                 self._skipped_before = _truncate_log(path, resume_step)
+            if resume_step is not None and os.path.isdir(os.path.join(workdir, "tb")):
+                _truncate_tb(os.path.join(workdir, "tb"), resume_step)
             # Append: a resumed run continues the same log.
             self._jsonl = open(path, "a")
 
