@@ -430,6 +430,10 @@ def test_encode_writes_the_first_stage_codes_and_training_reads_images_or_codes(
     config.first_stage.checkpoint = str(tmp_path / "vq")
     with pytest.raises(ValueError, match="holds other weights .* than the first stage data.codes was encoded with"):
         run(config, str(tmp_path / "codes_other_vq"))
+    # The cache encoded again by the retrained stage: a run on the old cache's codes refuses it the same way.
+    encode(config, str(tmp_path / "codes"), split="eval", overwrite=True)
+    with pytest.raises(ValueError, match=f"other frozen stage weights .first_stage: '{fingerprint(params)}' -> '{fingerprint(retrained)}'"):
+        run(config, str(tmp_path / "from_codes"))
 
 
 def test_export_meta_names_the_stages_by_absolute_path(tiny_first_stage, tmp_path, monkeypatch):
