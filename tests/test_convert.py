@@ -146,6 +146,33 @@ def test_cli_converts_a_torch_ckpt(taming, tmp_path):
         vj.convert.load_state_dict(str(tmp_path / "damaged.ckpt"))
 
 
+def test_a_lightning_1x_checkpoint_is_read_without_lightning(taming, tmp_path, monkeypatch):
+    """Lightning 1.x, the original's trainer, keys its callback states by the callback's class: weights-only
+    loading refused such a file, and full unpickling needs Lightning installed. The weights are read with
+    inert stand-ins for those classes; weights that would need one are refused, naming it."""
+    import sys
+    import types
+
+    torch = pytest.importorskip("torch")
+    module = types.ModuleType("absent_lightning.callbacks")
+    module.ModelCheckpoint = ModelCheckpoint = type("ModelCheckpoint", (), {"__module__": module.__name__})
+    monkeypatch.setitem(sys.modules, "absent_lightning", types.ModuleType("absent_lightning"))
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    tensors = {k: torch.from_numpy(np.asarray(v)) for k, v in taming.state("vq").items()}
+    torch.save({"state_dict": tensors, "callbacks": {ModelCheckpoint: {"best_model_score": torch.tensor(0.5)}},
+                "pytorch-lightning_version": "1.0.8"}, tmp_path / "last.ckpt")
+    torch.save({"state_dict": dict(tensors, extra=ModelCheckpoint())}, tmp_path / "object.ckpt")
+    for name in ("absent_lightning", module.__name__):  # a machine without that package
+        monkeypatch.delitem(sys.modules, name)
+
+    _, params = vj.convert.vqgan_from_taming(str(tmp_path / "last.ckpt"), taming.vq_params())
+    _assert_tree_equal(params, vj.convert.vqgan_from_taming(taming.state("vq"), taming.vq_params())[1])
+    with pytest.raises(ValueError, match="needs a module that is not installed"):
+        vj.convert.load_state_dict(str(tmp_path / "last.ckpt"), trust=True)
+    with pytest.raises(ValueError, match="'extra': 'absent_lightning.callbacks.ModelCheckpoint'.*trust=True"):
+        vj.convert.load_state_dict(str(tmp_path / "object.ckpt"))
+
+
 def test_cli_net2net_and_bad_input(taming, tmp_path, capsys):
     npz = tmp_path / "net2net.npz"
     np.savez(npz, **_net2net_checkpoint(taming))

@@ -22,12 +22,48 @@ _GPT_KEYS = {"vocab_size", "block_size", "n_layer", "n_head", "n_embd", "embd_pd
 
 # ----------------------------------------------------------------------------------------- reading inputs
 
+class _StandIn:
+    """Takes the place of a class or function that a checkpoint names beside its weights, such as the
+    callback classes PyTorch Lightning 1.x keys its callback states by: it stores and runs nothing, so a
+    checkpoint can be read without that code installed and without running the file's code."""
+    name = ""
+
+    def __init__(self, *args, **kwargs):
+        del args, kwargs
+
+    def __setstate__(self, state):
+        del state
+
+
+def _stand_in_name(value) -> str | None:
+    """The global a `_StandIn` (class or instance) took the place of, or None for anything else."""
+    kind = value if isinstance(value, type) else type(value)
+    return kind.name if issubclass(kind, _StandIn) else None
+
+
+def _torch_load(path: str, trust: bool):
+    """torch.load on the CPU; without `trust`, weights-only, with a `_StandIn` for every global the file
+    names that PyTorch does not allow (torch.serialization lists them without unpickling anything)."""
+    import torch
+
+    if trust:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # noqa: BLE001 -- e.g. the legacy (non-zip) format: torch.load names the problem
+        names = []
+    stand_ins = [(type(name.rsplit(".", 1)[-1], (_StandIn,), {"name": name}), name) for name in names]
+    with torch.serialization.safe_globals(stand_ins):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def load_state_dict(source: StateDict, trust: bool = False) -> dict[str, np.ndarray]:
     """A mapping of key -> array, or the path of a `.ckpt`/`.pt`/`.pth` (PyTorch) or `.npz` file.
 
-    PyTorch files are read with `weights_only=True` (no code runs); `trust=True` allows full unpickling,
-    for checkpoints that store other objects beside the weights. Lightning's top-level `state_dict` is
-    unwrapped.
+    PyTorch files are read with `weights_only=True` (no code runs): the classes a checkpoint stores beside
+    its weights (Lightning's callbacks, say) are read as inert stand-ins, so neither they nor Lightning
+    are needed. `trust=True` unpickles in full, running the file's code, for weights that need it.
+    Lightning's top-level `state_dict` is unwrapped.
     """
     if isinstance(source, Mapping):
         state = source
@@ -44,7 +80,10 @@ def load_state_dict(source: StateDict, trust: bool = False) -> dict[str, np.ndar
             except ImportError:
                 raise ImportError(f"reading {path!r} needs PyTorch: pip install 'vqgan-jax[convert]'") from None
             try:
-                state = torch.load(path, map_location="cpu", weights_only=not trust)
+                state = _torch_load(path, trust)
+            except ModuleNotFoundError as e:
+                raise ValueError(f"unpickling {path!r} in full (trust=True) needs a module that is not "
+                                 f"installed ({e}); without trust=True the weights are read without it") from None
             except Exception as e:  # noqa: BLE001 -- torch's errors have no common type beyond Exception
                 if not trust and "weights only load failed" in str(e).lower():
                     raise ValueError(f"{path!r} holds more than weights and was not unpickled ({e}); if you "
@@ -53,6 +92,10 @@ def load_state_dict(source: StateDict, trust: bool = False) -> dict[str, np.ndar
                                  f"checkpoint): {e}") from None
     if "state_dict" in state and isinstance(state["state_dict"], Mapping):
         state = state["state_dict"]
+    stood_in = {k: _stand_in_name(v) for k, v in state.items() if _stand_in_name(v)}
+    if stood_in:
+        raise ValueError(f"weights stored as objects that only a full unpickling rebuilds ({stood_in}); if you "
+                         "trust this file, pass trust=True (CLI: --trust)")
     return {k: _to_numpy(v) for k, v in state.items()}
 
 
