@@ -109,7 +109,8 @@ def test_gradient_accumulation_equals_the_full_batch_update():
 
 
 def test_gpt_split_over_four_devices_equals_one_device(tmp_path):
-    """fsdp=4: kernels, embeddings and their Adam moments in 4 pieces; same loss and update as 1 device."""
+    """fsdp=4: kernels, embeddings and their Adam moments in 4 pieces; same loss and update as 1 device, each
+    device doing a quarter of the arithmetic (every micro-batch of the accumulation is split over them)."""
     worker = os.path.join(ROOT, "tests", "gpt_step_worker.py")
     procs = {}
     for n in (1, 4):
@@ -122,8 +123,9 @@ def test_gpt_split_over_four_devices_equals_one_device(tmp_path):
         assert proc.returncode == 0, out[-4000:]
     one, four = np.load(tmp_path / "1.npz"), np.load(tmp_path / "4.npz")
     assert int(four["devices"]) == 4 and int(four["kernel_pieces"]) == 4 and int(one["kernel_pieces"]) == 1
+    assert float(four["flops_per_device"]) < 0.28 * float(one["flops_per_device"])  # 0.32 before the fix
     lr = float(one["metric/learning_rate"])
-    for key in set(one.files) - {"devices", "kernel_pieces"}:
+    for key in set(one.files) - {"devices", "kernel_pieces", "flops_per_device"}:
         kind, _, path = key.partition("/")
         if kind != "params":
             scale = max(1.0, float(np.max(np.abs(one[key]))))

@@ -78,6 +78,14 @@ def batch_tokens(config, batch, stage_models=None, stage_params=None):
     return jax.lax.stop_gradient(codes), jax.lax.stop_gradient(cond)
 
 
+def micro_batches(a, accum: int):
+    """[B, ...] -> [accum, B // accum, ...], micro-batch i holding rows i, i + accum, ...: a batch split
+    over devices in row blocks gives every device its share of each micro-batch. (Consecutive rows would
+    put each micro-batch on 1/accum of the devices, and XLA would copy it to the others, each then
+    computing all of it.)"""
+    return a.reshape(a.shape[0] // accum, accum, *a.shape[1:]).swapaxes(0, 1)
+
+
 def make_train_step(gpt: GPT, tx, config, stage_models=None) -> Callable:
     """-> step(state, batch, stage_params) -> (state, metrics). Image batches need the frozen
     stage_models (first_vq, cond_vq or None) and their params; code batches need neither."""
@@ -97,7 +105,6 @@ def make_train_step(gpt: GPT, tx, config, stage_models=None) -> Callable:
         else:
             if codes.shape[0] % accum:
                 raise ValueError(f"batch of {codes.shape[0]} does not split into grad_accum={accum} micro-batches")
-            split = lambda a: a.reshape(accum, a.shape[0] // accum, *a.shape[1:])  # noqa: E731
 
             def micro(carry, xs):
                 i, (c, n) = xs
@@ -105,7 +112,8 @@ def make_train_step(gpt: GPT, tx, config, stage_models=None) -> Callable:
                 return jax.tree.map(jnp.add, carry, (loss, grads)), None
 
             zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
-            (loss, grads), _ = jax.lax.scan(micro, zeros, (jnp.arange(accum), (split(codes), split(cond))))
+            xs = (jnp.arange(accum), (micro_batches(codes, accum), micro_batches(cond, accum)))
+            (loss, grads), _ = jax.lax.scan(micro, zeros, xs)
             loss, grads = jax.tree.map(lambda a: a / accum, (loss, grads))
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
