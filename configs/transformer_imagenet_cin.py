@@ -19,12 +19,12 @@ def get_config(arg=None):
     c.first_stage.checkpoint = "runs/imagenet_16384/export/vqgan"
     c.cond_stage.update(kind="class", n_classes=1000)
     c.model.update(vocab_size=16384, block_size=256, n_layer=48, n_head=24, n_embd=1536)
-    # Parameters and Adam moments split over every device (1.4B parameters); the batch too.
+    # Parameters and Adam moments split over every device (1.4B parameters; default_config's rules); the
+    # batch too.
     c.mesh = (("data", 1), ("fsdp", -1))
-    c.sharding_rules = ((".*kernel", "fsdp"), (".*embedding", "fsdp"))
     if is_runlocal(arg):
         c = runlocal(c)
         c.data.size = 32
-        c.mesh, c.sharding_rules = (("data", -1), ("fsdp", 1)), ((".*", "replicate"),)
+        c.mesh = (("data", -1), ("fsdp", 1))
         c.model.update(vocab_size=1000, block_size=257)
     return c

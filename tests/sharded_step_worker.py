@@ -1,5 +1,5 @@
-"""Runs one full VQGAN training step (discriminator active) on all local devices and saves the losses and
-updated parameters: `python sharded_step_worker.py OUT.npz [codebook]`. Run by tests/test_train.py and
+"""Runs one full VQGAN training step (discriminator active) on all local devices (data x fsdp, fsdp 2 on an
+even count) and saves the losses and updated parameters: `python sharded_step_worker.py OUT.npz [codebook]`. Run by tests/test_train.py and
 tests/test_codebook.py in subprocesses with different device counts
 (XLA_FLAGS=--xla_force_host_platform_device_count=N). With `codebook`, every codebook option is on and
 every code the batch leaves unused is restarted."""
@@ -40,6 +40,8 @@ def main(out_path, variant=""):
     from vqgan_jax.train.steps import jit_train_step, phase
 
     config = codebook_config() if variant == "codebook" else tiny_config()
+    # On an even number of devices the kernels and the codebook (default rules) split over 2 of them too.
+    config.mesh = (("data", -1), ("fsdp", 2 if jax.device_count() % 2 == 0 else 1))
     mesh = make_mesh(config.mesh)
     models = build_models(config)
     state, shardings = create_state(models, config, mesh, jax.random.PRNGKey(0))
@@ -52,8 +54,11 @@ def main(out_path, variant=""):
             for path, v in jax.tree_util.tree_flatten_with_path(jax.device_get(state))[0]}
     flat.update({f"metric/{k}": np.asarray(v) for k, v in jax.device_get(metrics).items()})
     flat["devices"] = np.asarray(jax.device_count())
-    copies = [np.asarray(s.data) for s in state.gen_params["quantize"]["embedding"]["embedding"].addressable_shards]
-    flat["codebook_copies_identical"] = np.asarray(all(np.array_equal(c, copies[0]) for c in copies))
+    copies = {}  # the codebook's pieces (fsdp) -> their copies (data)
+    for shard in state.gen_params["quantize"]["embedding"]["embedding"].addressable_shards:
+        copies.setdefault(str(shard.index), []).append(np.asarray(shard.data))
+    flat["codebook_copies_identical"] = np.asarray(all(np.array_equal(c, same[0]) for same in copies.values()
+                                                       for c in same))
     np.savez(out_path, **flat)
 
 

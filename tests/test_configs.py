@@ -33,6 +33,35 @@ def test_config_builds_its_models(name):
             assert c.total_steps <= 50 and c.data.size <= 64
 
 
+@pytest.mark.parametrize("name", ["transformer_imagenet_cin", "vqgan_imagenet_f16_16384"])
+def test_full_size_state_splits_over_fsdp_by_the_default_rules(name):
+    """At full size on a mesh of data 2 x fsdp 4 (abstract: nothing is created), every leaf of the training
+    state of at least a million elements is split over fsdp: parameters and optimiser moments alike."""
+    import warnings
+
+    import jax
+    from jax.sharding import AbstractMesh
+
+    from vqgan_jax.train.sharding import LARGE_LEAF
+
+    c = _load(name).get_config()
+    mesh = AbstractMesh((2, 4), ("data", "fsdp"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the warning for a large leaf that stays whole
+        if name.startswith("transformer"):
+            from vqgan_jax.train import transformer
+
+            gpt, tx = transformer.build_gpt(c), transformer.optimizer(c)
+            abstract, shardings = transformer.state_shapes(gpt, tx, c, mesh, jax.random.PRNGKey(0))
+        else:
+            from vqgan_jax.train.state import build_models, state_shapes
+
+            abstract, shardings = state_shapes(build_models(c), c, mesh, jax.random.PRNGKey(0))
+    leaves = zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings))
+    large = [(leaf.shape, sharding.spec) for leaf, sharding in leaves if leaf.size >= LARGE_LEAF]
+    assert len(large) > 10 and all("fsdp" in spec for _, spec in large), [x for x in large if "fsdp" not in x[1]]
+
+
 @pytest.mark.parametrize("name", TRANSFORMER_CONFIGS)
 def test_transformer_config_fits_its_sequence(name):
     """condition + image codes - 1 positions fit block_size at the crop size, for the :runlocal VQGANs

@@ -112,6 +112,14 @@ def test_mesh_sharding_and_loop_settings_fail_early_with_their_names(monkeypatch
         tree_shardings(tree, mesh, ((".*", "fdsp"),))
     with pytest.raises(ValueError, match=r"names \['model'\], not axes of the mesh"):
         tree_shardings(tree, mesh, ((".*", ("model", None)),))
+    # "fsdp" splits a dimension that divides by the axis; a large leaf with none stays whole, by name.
+    three = jax.sharding.AbstractMesh((1, 3), ("data", "fsdp"))
+    leaves = {n: jax.ShapeDtypeStruct(shape, jnp.float32)
+              for n, shape in (("odd", (1024, 1024)), ("kernel", (1024, 1536)), ("bias", (1024,)))}
+    with pytest.warns(UserWarning, match=r"1 large leaves .* fsdp=3 .*: odd \(1024, 1024\)$"):
+        specs = {k: v.spec for k, v in tree_shardings(leaves, three, ((".*", "fsdp"),)).items()}
+    P = jax.sharding.PartitionSpec
+    assert specs == {"odd": P(), "kernel": P(None, "fsdp"), "bias": P()}
 
     config = default_config()
     config.batch_size = 6

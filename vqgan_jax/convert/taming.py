@@ -76,7 +76,7 @@ def load_state_dict(source: StateDict, trust: bool = False) -> dict[str, np.ndar
                 state = {k: f[k] for k in f.files}
         else:
             try:
-                import torch
+                import torch  # noqa: F401 -- here, to name a missing PyTorch before anything else
             except ImportError:
                 raise ImportError(f"reading {path!r} needs PyTorch: pip install 'vqgan-jax[convert]'") from None
             try:

@@ -61,8 +61,9 @@ def default_config() -> ml_collections.ConfigDict:
         b1=0.5, b2=0.9, schedule="constant", warmup_steps=0, grad_clip=0.0, ema_decay=0.0))
 
     c.mesh = (("data", -1), ("fsdp", 1))  # tuples, so that the command line can override them
-    # e.g. ((".*kernel", "fsdp"),) with an fsdp axis > 1: the kernels and their Adam moments split.
-    c.sharding_rules = ((".*", "replicate"),)
+    # Kernels, the codebook and their Adam moments split over the fsdp axis: nothing splits while it is 1
+    # (the default), so a mesh with a larger fsdp axis is all it takes. Smaller leaves stay whole.
+    c.sharding_rules = ((".*kernel", "fsdp"), (".*embedding", "fsdp"))
 
     # Multi-host: jax.distributed.initialize(coordinator_address, num_processes, process_id) when set, or
     # jax.distributed.initialize() reading a launcher's environment (Slurm, Open MPI, TPU) with from_environment.

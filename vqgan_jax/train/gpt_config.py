@@ -46,9 +46,9 @@ def default_config() -> ml_collections.ConfigDict:
         grad_accum=1))              # the batch is split into grad_accum micro-batches per update
 
     c.mesh = (("data", -1), ("fsdp", 1))  # tuples, so that the command line can override them
-    # e.g. ((".*kernel", "fsdp"), (".*embedding", "fsdp")) with an fsdp axis > 1: parameters and their
-    # optimiser moments split over the fsdp devices.
-    c.sharding_rules = ((".*", "replicate"),)
+    # Matrices, embeddings and their Adam moments split over the fsdp axis: nothing splits while it is 1
+    # (the default), so a mesh with a larger fsdp axis is all it takes. Biases and LayerNorms stay whole.
+    c.sharding_rules = ((".*kernel", "fsdp"), (".*embedding", "fsdp"), (".*pos_emb", "fsdp"))
     c.distributed = ml_collections.ConfigDict(dict(coordinator_address="", num_processes=1, process_id=0,
                                                    from_environment=False))  # as in train/config.py
     return c

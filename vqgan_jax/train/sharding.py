@@ -2,12 +2,14 @@
 
 `config.mesh`: axes as ((name, size), ...), one size may be -1 ("the rest"), e.g. (("data", -1), ("fsdp", 1)).
 `config.sharding_rules`: ((regex, spec), ...) matched in order against a leaf's path ("gen_params/decoder/
-conv_out/kernel"); spec is "replicate", "fsdp" (split the largest dimension divisible by the fsdp axis)
-or a tuple of mesh-axis names / None per dimension. Leaves that match no rule are replicated.
+conv_out/kernel"); spec is "replicate", "fsdp" (split the largest dimension divisible by the fsdp axis;
+a leaf with none stays whole, and a warning names the large ones) or a tuple of mesh-axis names / None per
+dimension. Leaves that match no rule are replicated.
 Batches are split over every mesh axis.
 """
 
 import re
+import warnings
 
 import jax
 import numpy as np
@@ -63,16 +65,30 @@ def _spec_for(shape, rule, mesh: Mesh) -> P:
     return P(*rule)
 
 
+# An "fsdp" leaf of at least this many elements that no dimension lets split is named in a warning: on
+# every device whole, it may not fit where the config meant it to be split.
+LARGE_LEAF = 1 << 20
+
+
 def tree_shardings(tree, mesh: Mesh, rules) -> object:
     """A NamedSharding for every leaf of `tree` (arrays or ShapeDtypeStructs) from the first matching rule."""
     compiled = [(re.compile(pattern), spec) for pattern, spec in rules]
+    whole = []  # large "fsdp" leaves that stay whole
 
     def leaf_sharding(path, leaf):
         name = "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
         shape = tuple(getattr(leaf, "shape", ()))
         for pattern, spec in compiled:
             if pattern.fullmatch(name):
-                return NamedSharding(mesh, _spec_for(shape, spec, mesh) if shape else P())
+                pspec = _spec_for(shape, spec, mesh) if shape else P()
+                if spec == "fsdp" and mesh.shape.get("fsdp", 1) > 1 and pspec == P() and np.prod(shape) >= LARGE_LEAF:
+                    whole.append(f"{name} {shape}")
+                return NamedSharding(mesh, pspec)
         return NamedSharding(mesh, P())
 
-    return jax.tree_util.tree_map_with_path(leaf_sharding, tree)
+    shardings = jax.tree_util.tree_map_with_path(leaf_sharding, tree)
+    if whole:
+        warnings.warn(f"sharding: {len(whole)} large leaves that an 'fsdp' rule matches have no dimension "
+                      f"divisible by fsdp={mesh.shape['fsdp']} and stay whole on every device: "
+                      f"{', '.join(whole[:4])}{' ...' if len(whole) > 4 else ''}", stacklevel=2)
+    return shardings
