@@ -1,5 +1,6 @@
 """Original taming-transformers checkpoints (PyTorch) <-> our Flax models and parameters."""
 
+import importlib.util
 import os
 from typing import Any, Mapping
 
@@ -75,10 +76,8 @@ def load_state_dict(source: StateDict, trust: bool = False) -> dict[str, np.ndar
             with np.load(path) as f:
                 state = {k: f[k] for k in f.files}
         else:
-            try:
-                import torch  # noqa: F401 -- here, to name a missing PyTorch before anything else
-            except ImportError:
-                raise ImportError(f"reading {path!r} needs PyTorch: pip install 'vqgan-jax[convert]'") from None
+            if importlib.util.find_spec("torch") is None:
+                raise ImportError(f"reading {path!r} needs PyTorch: pip install 'vqgan-jax[convert]'")
             try:
                 state = _torch_load(path, trust)
             except ModuleNotFoundError as e:
