@@ -4,7 +4,7 @@
   python sample.py --workdir runs/cin --classes 9,232 --n 16 --top_k 600 --top_p 0.92 --temperature 1.0 --cfg 2.0
   python sample.py --workdir runs/sflckr_gpt --cond seg.png --size 512x1024      # sliding window
   python sample.py --workdir runs/x_gpt --complete photo.png                      # keep the top half
-  python sample.py --gpt converted/transformer --first_stage converted/first_stage --cond_kind class --classes 1 --size 256x256
+  python sample.py --gpt converted/transformer --first_stage converted/first_stage --classes 1 --size 256x256
 
 A grid larger than the training crop is sampled with the sliding attention window.
 """
@@ -13,16 +13,18 @@ import os
 import sys
 import time
 
-from absl import app, flags
+from absl import app, flags, logging
 
 flags.DEFINE_string("workdir", None, "a transformer training workdir (uses its export/)")
 flags.DEFINE_string("gpt", None, "instead of --workdir: a saved GPT directory")
 flags.DEFINE_string("first_stage", None, "with --gpt: the VQGAN (saved directory, or .ckpt with --first_stage_config)")
 flags.DEFINE_string("first_stage_config", "", "YAML of an original first-stage .ckpt")
-flags.DEFINE_enum("cond_kind", "sos", ["sos", "class", "coord", "segmentation", "depth"], "with --gpt: the condition")
+flags.DEFINE_enum("cond_kind", None, ["sos", "class", "coord", "segmentation", "depth"],
+                  "with --gpt: the condition (default: the converter's manifest.json beside --gpt, else sos)")
 flags.DEFINE_string("cond_stage", "", "with --gpt: the conditioning VQGAN (segmentation, depth)")
 flags.DEFINE_string("cond_stage_config", "", "YAML of an original conditioning-stage .ckpt")
-flags.DEFINE_integer("train_size", 256, "with --gpt: the training crop in pixels (sets the window)")
+flags.DEFINE_integer("train_size", None, "with --gpt: the training crop in pixels, which sets the window "
+                     "(default: the largest square window the GPT's block_size holds)")
 flags.DEFINE_float("cond_drop", 0.0, "with --gpt: the cond_drop it was trained with (--cfg needs > 0)")
 flags.DEFINE_string("out", None, "output folder (default: <workdir>/samples)")
 flags.DEFINE_integer("n", 8, "samples (per class with --classes)", lower_bound=1)
@@ -71,10 +73,14 @@ def main(argv):
     from vqgan_jax.sampling.generate import condition, generate, load
     from vqgan_jax.train.logging import save_image_grid
 
-    model = load(FLAGS.workdir, gpt_dir=FLAGS.gpt, first_stage=FLAGS.first_stage or "",
-                 first_stage_config=FLAGS.first_stage_config, cond_kind=FLAGS.cond_kind,
-                 cond_stage=FLAGS.cond_stage, cond_stage_config=FLAGS.cond_stage_config,
-                 train_size=FLAGS.train_size, cond_drop=FLAGS.cond_drop)
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every restore at INFO
+    try:
+        model = load(FLAGS.workdir, gpt_dir=FLAGS.gpt, first_stage=FLAGS.first_stage or "",
+                     first_stage_config=FLAGS.first_stage_config, cond_kind=FLAGS.cond_kind,
+                     cond_stage=FLAGS.cond_stage, cond_stage_config=FLAGS.cond_stage_config,
+                     train_size=FLAGS.train_size, cond_drop=FLAGS.cond_drop)
+    except (ValueError, FileNotFoundError) as e:
+        raise app.UsageError(str(e))
     # Flags the model's kind of condition has no use for would otherwise be dropped without a word.
     if FLAGS.classes and model.cond_kind != "class":
         raise app.UsageError(f"--classes is for class-conditional models; this one is {model.cond_kind}-conditioned")

@@ -203,3 +203,28 @@ def test_cli_net2net_and_bad_input(taming, tmp_path, capsys):
     np.savez(tmp_path / "stray.npz", **_net2net_checkpoint(taming), **{"ema.weight": np.zeros(2)})
     assert convert_main([str(tmp_path / "stray.npz"), str(yaml_path), str(tmp_path / "s")]) == 1
     assert "belong to no part that converts: ['ema.weight']" in capsys.readouterr().err
+
+
+def test_sampling_takes_a_converted_net2nets_condition_from_its_manifest(taming, tmp_path):
+    """sample.py --gpt DIR/transformer: the converter's manifest says the condition (the SOS token of an
+    unconditional model, a class count), a different --cond_kind is refused, and the window is the largest
+    square the GPT's block_size holds (80 positions: 8 x 8 codes after one token, 32 px at f=4)."""
+    from vqgan_jax.sampling.generate import load
+
+    npz = tmp_path / "net2net.npz"
+    np.savez(npz, **_net2net_checkpoint(taming))
+    config = yaml.safe_load(_net2net_yaml(taming, tmp_path / "net2net.yaml").read_text())
+    params = config["model"]["params"]
+    variants = {"sos5": dict(unconditional=True, sos_token=5),
+                "cin": dict(cond_stage_config={"target": "taming.modules.util.Labelator", "params": {"n_classes": 10}})}
+    for name, update in variants.items():
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump({"model": dict(config["model"], params=dict(params, **update))}))
+        assert convert_main([str(npz), str(tmp_path / f"{name}.yaml"), str(tmp_path / name)]) == 0
+    parts = lambda name: dict(gpt_dir=str(tmp_path / name / "transformer"), first_stage=str(tmp_path / name / "first_stage"))  # noqa: E731
+
+    sos = load(**parts("sos5"))
+    assert (sos.cond_kind, sos.cond_config["sos_token"], sos.train_size, sos.window) == ("sos", 5, 32, 8)
+    cin = load(**parts("cin"))
+    assert (cin.cond_kind, cin.cond_config["n_classes"]) == ("class", 10)
+    with pytest.raises(ValueError, match="converted from a class-conditioned Net2Net .manifest.json., not sos"):
+        load(**parts("cin"), cond_kind="sos")

@@ -34,17 +34,71 @@ class Net2Net:
         return self.train_size // self.vq.downsample_factor
 
 
+def converted_condition(gpt_dir: str) -> dict | None:
+    """The condition of a Net2Net that `python -m vqgan_jax.convert` wrote (its manifest.json beside
+    `gpt_dir`): {kind, and sos_token / n_classes / n_embed, down_factor / cond_stage as the kind needs};
+    None without such a manifest."""
+    path = os.path.join(os.path.dirname(os.path.abspath(gpt_dir)), "manifest.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        manifest = json.load(f)
+    if "net2net" not in manifest:
+        return None
+    net, cond = manifest["net2net"], manifest.get("cond_stage_config")
+    if "cond_stage" in manifest["parts"]:
+        kind = net.get("cond_stage_key")
+        if kind not in net2net.VQ_COND_KINDS:
+            raise ValueError(f"{path}: a VQ conditioning stage on {kind!r}; say which it is with cond_kind "
+                             f"(one of {net2net.VQ_COND_KINDS})")
+        return dict(kind=kind, cond_stage=os.path.join(os.path.dirname(path), "cond_stage"))
+    if cond == "__is_unconditional__":
+        return dict(kind="sos", sos_token=net.get("sos_token", 0))  # the original's default sos_token
+    target = cond.get("target", "") if isinstance(cond, dict) else str(cond)
+    params = (cond.get("params") or {}) if isinstance(cond, dict) else {}
+    name = target.rsplit(".", 1)[-1]
+    if name == "SOSProvider":
+        return dict(kind="sos", sos_token=params.get("sos_token", 0))
+    if name == "Labelator":
+        return dict(kind="class", n_classes=params.get("n_classes"))
+    if name == "CoordStage":
+        return dict(kind="coord", n_embed=params["n_embed"], down_factor=params["down_factor"])
+    raise ValueError(f"{path}: the conditioning stage {target!r} is none that vqgan-jax samples")
+
+
+def largest_window(gpt, cond_kind: str) -> int:
+    """The side w of the largest square code grid whose sequence fits the GPT's block_size: 1 condition token
+    (sos, class) or a w x w condition grid (segmentation, depth, coord), then w * w codes less the last."""
+    cond_tokens = (lambda w: w * w) if cond_kind in net2net.VQ_COND_KINDS + ("coord",) else (lambda w: 1)
+    w = 1
+    while cond_tokens(w + 1) + (w + 1) ** 2 - 1 <= gpt.block_size:
+        w += 1
+    return w
+
+
 def load(workdir: str | None = None, *, gpt_dir: str | None = None, first_stage: str = "",
-         first_stage_config: str = "", cond_kind: str = "sos", cond_stage: str = "", cond_stage_config: str = "",
-         train_size: int = 256, sos_token: int = 0, coord_n_embed: int = 1024, down_factor: int = 16,
-         cond_drop: float = 0.0) -> Net2Net:
+         first_stage_config: str = "", cond_kind: str | None = None, cond_stage: str = "",
+         cond_stage_config: str = "", train_size: int | None = None, sos_token: int | None = None,
+         coord_n_embed: int = 1024, down_factor: int = 16, cond_drop: float = 0.0) -> Net2Net:
     """A transformer training workdir (its export/gpt and export/net2net.json), or the parts by path:
     gpt_dir (a saved GPT, e.g. converted from an original checkpoint) and the first stage; cond_drop: the
-    probability the GPT was trained with (0 for the original's models)."""
+    probability the GPT was trained with (0 for the original's models).
+
+    By parts, the condition (cond_kind, sos_token, ...) comes from the converter's manifest.json beside
+    gpt_dir where there is one (a cond_kind given that differs from it is refused), else from the
+    arguments (default: sos, token 0); train_size, the training crop in pixels, defaults to the largest
+    square window that the GPT's block_size holds."""
     from vqgan_jax.pretrained import load_pretrained
     from vqgan_jax.train.stages import load_vqgan
 
-    cond_config = dict(kind=cond_kind, sos_token=sos_token, n_embed=coord_n_embed, down_factor=down_factor)
+    converted = converted_condition(gpt_dir) if gpt_dir and not workdir else None
+    if converted and cond_kind not in (None, converted["kind"]):
+        raise ValueError(f"{gpt_dir!r} was converted from a {converted['kind']}-conditioned Net2Net "
+                         f"(manifest.json), not {cond_kind}")
+    cond_config = {"kind": "sos", "sos_token": 0, "n_embed": coord_n_embed, "down_factor": down_factor,
+                   **(converted or {})}
+    cond_config.update({k: v for k, v in (("kind", cond_kind), ("sos_token", sos_token)) if v is not None})
+    cond_stage = cond_stage or cond_config.pop("cond_stage", "")
     if workdir:
         meta_path = os.path.join(workdir, "export", "net2net.json")
         if not os.path.exists(meta_path):
@@ -61,6 +115,8 @@ def load(workdir: str | None = None, *, gpt_dir: str | None = None, first_stage:
         raise ValueError("give a transformer workdir, or gpt_dir and first_stage")
     gpt, variables = load_pretrained(gpt_dir)
     vq, vq_params = load_vqgan(first_stage, first_stage_config, "first_stage")
+    if train_size is None:
+        train_size = largest_window(gpt, cond_config["kind"]) * vq.downsample_factor
     model = Net2Net(gpt, variables["params"], vq, vq_params, cond_config["kind"], cond_config, train_size,
                     cond_drop=cond_drop)
     if model.cond_kind in net2net.VQ_COND_KINDS:
