@@ -228,3 +228,26 @@ def test_sampling_takes_a_converted_net2nets_condition_from_its_manifest(taming,
     assert (cin.cond_kind, cin.cond_config["n_classes"]) == ("class", 10)
     with pytest.raises(ValueError, match="converted from a class-conditioned Net2Net .manifest.json., not sos"):
         load(**parts("cin"), cond_kind="sos")
+
+
+def test_a_stage_is_read_from_a_net2net_checkpoint_with_either_yaml(taming, tmp_path):
+    """first_stage/cond_stage.checkpoint = a Net2Net's .ckpt: the stage's part of it, with the Net2Net's
+    YAML (the stage's config is taken from it) or the stage's own; never the other stage's weights."""
+    from vqgan_jax.train.stages import load_vqgan
+
+    doubled = {k: 2 * v for k, v in taming.state("vq").items()}
+    state = dict(_net2net_checkpoint(taming), **{f"cond_stage_model.{k}": v for k, v in doubled.items()})
+    np.savez(tmp_path / "net2net.npz", **state)
+    config = yaml.safe_load(_net2net_yaml(taming, tmp_path / "net2net.yaml").read_text())
+    config["model"]["params"]["cond_stage_config"] = {"target": "taming.models.vqgan.VQModel", "params": taming.vq_params()}
+    (tmp_path / "net2net.yaml").write_text(yaml.safe_dump(config))
+    vq_yaml = _vqmodel_yaml(taming, tmp_path / "vq.yaml")
+    first = vj.convert.vqgan_from_taming(taming.state("vq"), taming.vq_params())[1]
+    cond = vj.convert.vqgan_from_taming(doubled, taming.vq_params())[1]
+    for yaml_path in (tmp_path / "net2net.yaml", vq_yaml):
+        _assert_tree_equal(load_vqgan(str(tmp_path / "net2net.npz"), str(yaml_path), "first_stage")[1], first)
+        _assert_tree_equal(load_vqgan(str(tmp_path / "net2net.npz"), str(yaml_path), "cond_stage")[1], cond)
+    config["model"]["params"]["cond_stage_config"] = "__is_unconditional__"
+    (tmp_path / "net2net.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(ValueError, match="is a Net2Net config whose cond_stage_config is '__is_unconditional__'"):
+        load_vqgan(str(tmp_path / "net2net.npz"), str(tmp_path / "net2net.yaml"), "cond_stage")

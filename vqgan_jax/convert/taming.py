@@ -2,7 +2,7 @@
 
 import importlib.util
 import os
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -199,14 +199,15 @@ def _params(variables: Mapping) -> Mapping:
 
 # ------------------------------------------------------------------------------------------- import
 
-def vqgan_from_taming(state_dict: StateDict, model_params, *, prefix: str | None = None,
+def vqgan_from_taming(state_dict: StateDict, model_params, *, prefix: str | Sequence[str] | None = None,
                       trust: bool = False) -> tuple[VQGAN, dict]:
     """-> (VQGAN, params). Keys may carry `first_stage_model.` (a Net2Net checkpoint) or none (a VQModel
     checkpoint, whose `loss.*` entries are skipped, as is the `colorize` buffer, a random projection the
-    original draws label maps with); `prefix` picks another part, e.g. `cond_stage_model.`."""
+    original draws label maps with); `prefix` picks another part, e.g. `cond_stage_model.`, or gives the
+    prefixes to try in order."""
     model = VQGAN(**vqgan_config(model_params))
     state = load_state_dict(state_dict, trust)
-    prefixes = [prefix] if prefix is not None else ["", "first_stage_model."]
+    prefixes = ["", "first_stage_model."] if prefix is None else [prefix] if isinstance(prefix, str) else list(prefix)
     state = _select(state, prefixes, "encoder.conv_in.weight", "VQGAN", skip=("loss.", "colorize"))
     f = model.downsample_factor
     shapes = _expected(model, jnp.zeros((1, f, f, model.in_channels)))

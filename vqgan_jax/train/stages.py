@@ -30,9 +30,18 @@ def load_vqgan(checkpoint: str, yaml_config: str = "", what: str = "first_stage"
     if not yaml_config:
         raise ValueError(f"{what}.checkpoint {checkpoint!r} is an original checkpoint: set {what}.config to "
                          f"its YAML (the model.params with ddconfig, embed_dim, n_embed)")
-    from vqgan_jax.convert import vqgan_from_taming
+    from vqgan_jax.convert import taming
 
-    return vqgan_from_taming(checkpoint, yaml_config)
+    # A Net2Net's checkpoint holds both stages (`first_stage_model.*`, `cond_stage_model.*`), and its YAML
+    # holds their configs: the stage asked for is taken from either.
+    config = taming.read_config(yaml_config)
+    net2net = taming.unwrap_config(config)
+    if "transformer_config" in net2net:
+        config = net2net.get(f"{what}_config")
+        if not isinstance(config, dict):
+            raise ValueError(f"{what}.config {yaml_config!r} is a Net2Net config whose {what}_config is "
+                             f"{config!r}, not a VQ model")
+    return taming.vqgan_from_taming(checkpoint, config, prefix=("", f"{what}_model."))
 
 
 def load_stages(config):
