@@ -1,6 +1,6 @@
 """Runs one full VQGAN training step (discriminator active) on all local devices (data x fsdp, fsdp 2 on an
-even count) and saves the losses and updated parameters: `python sharded_step_worker.py OUT.npz [codebook]`. Run by tests/test_train.py and
-tests/test_codebook.py in subprocesses with different device counts
+even count) and saves the losses and updated parameters: `python sharded_step_worker.py OUT.npz [codebook]`.
+Run by tests/test_train.py and tests/test_codebook.py in subprocesses with different device counts
 (XLA_FLAGS=--xla_force_host_platform_device_count=N). With `codebook`, every codebook option is on and
 every code the batch leaves unused is restarted."""
 

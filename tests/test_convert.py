@@ -218,9 +218,12 @@ def test_sampling_takes_a_converted_net2nets_condition_from_its_manifest(taming,
     variants = {"sos5": dict(unconditional=True, sos_token=5),
                 "cin": dict(cond_stage_config={"target": "taming.modules.util.Labelator", "params": {"n_classes": 10}})}
     for name, update in variants.items():
-        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump({"model": dict(config["model"], params=dict(params, **update))}))
+        variant = {"model": dict(config["model"], params=dict(params, **update))}
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(variant))
         assert convert_main([str(npz), str(tmp_path / f"{name}.yaml"), str(tmp_path / name)]) == 0
-    parts = lambda name: dict(gpt_dir=str(tmp_path / name / "transformer"), first_stage=str(tmp_path / name / "first_stage"))  # noqa: E731
+
+    def parts(name):
+        return dict(gpt_dir=str(tmp_path / name / "transformer"), first_stage=str(tmp_path / name / "first_stage"))
 
     sos = load(**parts("sos5"))
     assert (sos.cond_kind, sos.cond_config["sos_token"], sos.train_size, sos.window) == ("sos", 5, 32, 8)
@@ -239,7 +242,8 @@ def test_a_stage_is_read_from_a_net2net_checkpoint_with_either_yaml(taming, tmp_
     state = dict(_net2net_checkpoint(taming), **{f"cond_stage_model.{k}": v for k, v in doubled.items()})
     np.savez(tmp_path / "net2net.npz", **state)
     config = yaml.safe_load(_net2net_yaml(taming, tmp_path / "net2net.yaml").read_text())
-    config["model"]["params"]["cond_stage_config"] = {"target": "taming.models.vqgan.VQModel", "params": taming.vq_params()}
+    config["model"]["params"]["cond_stage_config"] = {"target": "taming.models.vqgan.VQModel",
+                                                      "params": taming.vq_params()}
     (tmp_path / "net2net.yaml").write_text(yaml.safe_dump(config))
     vq_yaml = _vqmodel_yaml(taming, tmp_path / "vq.yaml")
     first = vj.convert.vqgan_from_taming(taming.state("vq"), taming.vq_params())[1]

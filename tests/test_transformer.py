@@ -434,7 +434,7 @@ def test_encode_writes_the_first_stage_codes_and_training_reads_images_or_codes(
         run(config, str(tmp_path / "codes_other_vq"))
     # The cache encoded again by the retrained stage: a run on the old cache's codes refuses it the same way.
     encode(config, str(tmp_path / "codes"), split="eval", overwrite=True)
-    with pytest.raises(ValueError, match=f"other frozen stage weights .first_stage: '{fingerprint(params)}' -> '{fingerprint(retrained)}'"):
+    with pytest.raises(ValueError, match=f"other frozen stage weights .first_stage: '{fingerprint(params)}'"):
         run(config, str(tmp_path / "from_codes"))
 
 
