@@ -58,6 +58,8 @@ def _size(model):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not FLAGS["verbosity"].present:  # Orbax logs every save and restore at INFO: --verbosity=0 shows them
+        logging.set_verbosity(logging.WARNING)
     if not FLAGS.workdir and not (FLAGS.gpt and FLAGS.first_stage):
         raise app.UsageError("give --workdir, or --gpt and --first_stage")
     parts = ("gpt", "first_stage", "first_stage_config", "cond_kind", "cond_stage", "cond_stage_config", "train_size",
@@ -73,7 +75,6 @@ def main(argv):
     from vqgan_jax.sampling.generate import condition, generate, load
     from vqgan_jax.train.logging import save_image_grid
 
-    logging.set_verbosity(logging.WARNING)  # Orbax logs every restore at INFO
     try:
         model = load(FLAGS.workdir, gpt_dir=FLAGS.gpt, first_stage=FLAGS.first_stage or "",
                      first_stage_config=FLAGS.first_stage_config, cond_kind=FLAGS.cond_kind,

@@ -15,7 +15,7 @@ it was started with (or pass --allow_config_changes). Stopped by SIGTERM or SIGI
 import json
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 config_flags.DEFINE_config_file("config", None, "experiment config file, e.g. configs/demo.py[:arg]", lock_config=True)
@@ -30,6 +30,8 @@ FLAGS = flags.FLAGS
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not FLAGS["verbosity"].present:  # Orbax logs every save and restore at INFO: --verbosity=0 shows them
+        logging.set_verbosity(logging.WARNING)
     from vqgan_jax import train  # after flag parsing: a bad override fails before JAX starts
 
     config = FLAGS.config
