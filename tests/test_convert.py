@@ -171,6 +171,9 @@ def test_a_lightning_1x_checkpoint_is_read_without_lightning(taming, tmp_path, m
         vj.convert.load_state_dict(str(tmp_path / "last.ckpt"), trust=True)
     with pytest.raises(ValueError, match="'extra': 'absent_lightning.callbacks.ModelCheckpoint'.*trust=True"):
         vj.convert.load_state_dict(str(tmp_path / "object.ckpt"))
+    torch.save(torch.nn.Linear(2, 2), tmp_path / "module.pt")  # a whole module, not a state dict
+    with pytest.raises(ValueError, match="holds a torch.nn.modules.linear.Linear, not a mapping of weights"):
+        vj.convert.load_state_dict(str(tmp_path / "module.pt"))
 
 
 def test_cli_net2net_and_bad_input(taming, tmp_path, capsys):
@@ -231,6 +234,15 @@ def test_sampling_takes_a_converted_net2nets_condition_from_its_manifest(taming,
     assert (cin.cond_kind, cin.cond_config["n_classes"]) == ("class", 10)
     with pytest.raises(ValueError, match="converted from a class-conditioned Net2Net .manifest.json., not sos"):
         load(**parts("cin"), cond_kind="sos")
+
+    # A VQ conditioning stage: the original's cond_stage_key (default "depth") says which, unless given.
+    from vqgan_jax.sampling.generate import converted_condition
+
+    (tmp_path / "vqcond").mkdir()
+    (tmp_path / "vqcond" / "manifest.json").write_text('{"parts": {"cond_stage": "VQGAN"}, "net2net": {}}')
+    stage = str(tmp_path / "vqcond" / "cond_stage")
+    assert converted_condition(str(tmp_path / "vqcond" / "transformer")) == {"kind": "depth", "cond_stage": stage}
+    assert converted_condition(str(tmp_path / "vqcond" / "transformer"), "segmentation")["kind"] == "segmentation"
 
 
 def test_a_stage_is_read_from_a_net2net_checkpoint_with_either_yaml(taming, tmp_path):

@@ -89,6 +89,9 @@ def load_state_dict(source: StateDict, trust: bool = False) -> dict[str, np.ndar
                                      "trust this file, pass trust=True (CLI: --trust)") from None
                 raise ValueError(f"cannot read {path!r} as a PyTorch checkpoint (damaged, or not a "
                                  f"checkpoint): {e}") from None
+    if not isinstance(state, Mapping):  # e.g. a whole pickled module, read as a stand-in
+        raise ValueError(f"{source!r} holds a {_stand_in_name(state) or type(state).__name__}, not a mapping of "
+                         "weights; if you trust this file, pass trust=True (CLI: --trust)")
     if "state_dict" in state and isinstance(state["state_dict"], Mapping):
         state = state["state_dict"]
     stood_in = {k: _stand_in_name(v) for k, v in state.items() if _stand_in_name(v)}

@@ -34,7 +34,7 @@ class Net2Net:
         return self.train_size // self.vq.downsample_factor
 
 
-def converted_condition(gpt_dir: str) -> dict | None:
+def converted_condition(gpt_dir: str, cond_kind: str | None = None) -> dict | None:
     """The condition of a Net2Net that `python -m vqgan_jax.convert` wrote (its manifest.json beside
     `gpt_dir`): {kind, and sos_token / n_classes / n_embed, down_factor / cond_stage as the kind needs};
     None without such a manifest."""
@@ -46,8 +46,8 @@ def converted_condition(gpt_dir: str) -> dict | None:
     if "net2net" not in manifest:
         return None
     net, cond = manifest["net2net"], manifest.get("cond_stage_config")
-    if "cond_stage" in manifest["parts"]:
-        kind = net.get("cond_stage_key")
+    if "cond_stage" in manifest.get("parts", {}):
+        kind = cond_kind or net.get("cond_stage_key", "depth")  # the original's default cond_stage_key
         if kind not in net2net.VQ_COND_KINDS:
             raise ValueError(f"{path}: a VQ conditioning stage on {kind!r}; say which it is with cond_kind "
                              f"(one of {net2net.VQ_COND_KINDS})")
@@ -91,14 +91,15 @@ def load(workdir: str | None = None, *, gpt_dir: str | None = None, first_stage:
     from vqgan_jax.pretrained import load_pretrained
     from vqgan_jax.train.stages import load_vqgan
 
-    converted = converted_condition(gpt_dir) if gpt_dir and not workdir else None
+    converted = converted_condition(gpt_dir, cond_kind) if gpt_dir and not workdir else None
     if converted and cond_kind not in (None, converted["kind"]):
         raise ValueError(f"{gpt_dir!r} was converted from a {converted['kind']}-conditioned Net2Net "
                          f"(manifest.json), not {cond_kind}")
     cond_config = {"kind": "sos", "sos_token": 0, "n_embed": coord_n_embed, "down_factor": down_factor,
                    **(converted or {})}
     cond_config.update({k: v for k, v in (("kind", cond_kind), ("sos_token", sos_token)) if v is not None})
-    cond_stage = cond_stage or cond_config.pop("cond_stage", "")
+    converted_stage = cond_config.pop("cond_stage", "")
+    cond_stage = cond_stage or converted_stage
     if workdir:
         meta_path = os.path.join(workdir, "export", "net2net.json")
         if not os.path.exists(meta_path):
