@@ -94,7 +94,7 @@ def load_state_dict(source: StateDict, trust: bool = False) -> dict[str, np.ndar
                          "weights; if you trust this file, pass trust=True (CLI: --trust)")
     if "state_dict" in state and isinstance(state["state_dict"], Mapping):
         state = state["state_dict"]
-    stood_in = {k: _stand_in_name(v) for k, v in state.items() if _stand_in_name(v)}
+    stood_in = {k: name for k, v in state.items() if (name := _stand_in_name(v))}
     if stood_in:
         raise ValueError(f"weights stored as objects that only a full unpickling rebuilds ({stood_in}); if you "
                          "trust this file, pass trust=True (CLI: --trust)")
