@@ -79,16 +79,23 @@ def test_discriminator_adam_counts_from_the_global_step():
     assert np.all(np.abs(updates["w"]) > 1.5 * lr)  # 0.5 / sqrt(0.1) = 1.58 lr; a fresh Adam's first step is lr
 
 
-def test_checkpoint_after_an_error_only_of_an_intact_state(tmp_path):
+def test_checkpoints_only_of_an_intact_finite_state(tmp_path):
     import jax.numpy as jnp
 
-    from vqgan_jax.train.checkpoint import Checkpointer
+    from vqgan_jax.train.checkpoint import Checkpointer, Diverged
 
     checkpointer = Checkpointer(str(tmp_path))
     assert checkpointer.save_after_error({"w": jnp.ones(3)}, 3) and checkpointer.latest_step() == 3
     donated = jnp.ones(3)
     donated.delete()  # what a step that failed after taking the state leaves
     assert not checkpointer.save_after_error({"w": donated}, 4) and checkpointer.latest_step() == 3
+    diverged = {"w": jnp.array([1.0, jnp.nan, 2.0]), "step": jnp.int32(5), "m": {"v": jnp.ones(2)}}
+    with pytest.raises(Diverged, match="step 5 holds NaN or inf, and is not saved; the last checkpoint is step 3"):
+        checkpointer.save(diverged, 5)
+    assert not checkpointer.save_after_error(diverged, 5)
+    with pytest.raises(Diverged, match="step 6"):  # inf too, in any leaf
+        checkpointer.save({**diverged, "w": jnp.ones(3), "m": {"v": jnp.array([-jnp.inf, 0.0])}}, 6)
+    assert list(checkpointer.manager.all_steps()) == [3]
     checkpointer.close()
 
 

@@ -348,6 +348,40 @@ def test_a_loop_stopped_by_a_data_error_keeps_its_last_step(tmp_path, monkeypatc
     checkpointer.close()
 
 
+def test_a_diverged_run_stops_at_its_next_log_step_and_keeps_its_good_checkpoints(tmp_path, monkeypatch):
+    from vqgan_jax.train import Diverged, run, runner
+    from vqgan_jax.train.checkpoint import Checkpointer
+    from vqgan_jax.train.logging import read_jsonl
+
+    _write_cache(tmp_path / "cache", n=16)
+    step_fn, calls = runner.run_step, []
+
+    def nan_at_four(*args):
+        calls.append(1)
+        state, metrics, seconds = step_fn(*args)
+        if len(calls) == 4:  # what an exploding update leaves
+            state = state.replace(params=jax.tree.map(lambda p: p * jnp.nan, state.params))
+        return state, metrics, seconds
+
+    monkeypatch.setattr(runner, "run_step", nan_at_four)
+    config = _loop_config(tmp_path / "cache", 8)
+    config.log_every, config.checkpoint_every = 5, 2  # the save at step 4 finds it first, then log step 5
+    with pytest.raises(Diverged, match="state at step 4 holds NaN or inf, and is not saved; the last checkpoint is "
+                                       "step 2") as diverged:
+        run(config, str(tmp_path / "run"))
+    assert (diverged.value.step, diverged.value.last_saved) == (4, 2)
+    checkpointer = Checkpointer(str(tmp_path / "run"))
+    assert list(checkpointer.manager.all_steps()) == [2]
+    checkpointer.close()
+
+    calls.clear()
+    config.checkpoint_every, config.total_steps = 100, 12
+    with pytest.raises(Diverged, match="state at step 10 .* the last checkpoint is step 2"):
+        run(config, str(tmp_path / "run"))  # resumed at 2, diverged at 6: no save until the end, log step 10
+    logged = {r["step"]: r["loss"] for r in read_jsonl(str(tmp_path / "run" / "metrics.jsonl")) if "loss" in r}
+    assert sorted(logged) == [5, 10] and np.isfinite(logged[5]) and np.isnan(logged[10])
+
+
 @pytest.fixture(scope="module")
 def tiny_first_stage(tmp_path_factory):
     """A random tiny VQGAN saved as training exports it, and a folder of 6 images."""

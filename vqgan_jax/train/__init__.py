@@ -5,6 +5,7 @@
 
 from vqgan_jax.train import loop, transformer_loop
 from vqgan_jax.train.config import default_config, runlocal
+from vqgan_jax.train.checkpoint import Diverged
 from vqgan_jax.train.runner import Interrupted
 
 
@@ -23,4 +24,4 @@ def evaluate(config, workdir: str) -> dict:
     return _loop(config).evaluate(config, workdir)
 
 
-__all__ = ["run", "evaluate", "Interrupted", "default_config", "runlocal"]
+__all__ = ["run", "evaluate", "Interrupted", "Diverged", "default_config", "runlocal"]

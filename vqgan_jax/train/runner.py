@@ -2,8 +2,8 @@
 
 `open_run`: distributed set-up, the mesh, the checks of the run's settings and of a resumed run's config,
 and the state (born sharded, or restored from the last checkpoint). `train`: the step loop with logging,
-progress, checkpoints (periodic, on SIGTERM/SIGINT, after an error, at the end), the hosts' agreement on
-when to stop, and `Interrupted` when a signal stopped it first.
+progress, checkpoints (periodic, on SIGTERM/SIGINT, after an error, at the end; never of a diverged state),
+the hosts' agreement on when to stop, and `Interrupted` when a signal stopped it first.
 """
 
 import contextlib
@@ -20,7 +20,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from vqgan_jax import data
-from vqgan_jax.train.checkpoint import Checkpointer, abstract_with_shardings
+from vqgan_jax.train.checkpoint import Checkpointer, Diverged, abstract_with_shardings, all_finite
 from vqgan_jax.train.logging import MetricWriter, Progress
 from vqgan_jax.train.sharding import batch_sharding, make_mesh
 from vqgan_jax.train.workdir import check_resume, has_checkpoint, write_config
@@ -114,7 +114,8 @@ def train(config, workdir: str, mesh, checkpointer: Checkpointer, state, source:
           step_fn: Callable[[int], Callable], step_args: tuple = (),
           after_step: Callable | None = None, finish: Callable | None = None):
     """Runs the steps from `state.step` to `config.total_steps` and returns the state; raises `Interrupted`
-    when SIGTERM/SIGINT stopped it first (after saving). Closes `checkpointer` and the input.
+    when SIGTERM/SIGINT stopped it first (after saving), and `Diverged` when a log step or a save finds NaN
+    or inf in the state (which is not saved). Closes `checkpointer` and the input.
 
     source: the run's host batches from the state's step on. step_fn(step) -> the jitted step
     `(state, batch, *step_args) -> (state, metrics)` that takes the state from `step` to `step + 1`.
@@ -137,6 +138,9 @@ def train(config, workdir: str, mesh, checkpointer: Checkpointer, state, source:
             progress.update(step)
             if timed:
                 writer.write_step(step, metrics, seconds, progress, source)
+                # Checked where the loop waits for the step anyway; the saves check every state they write.
+                if not bool(all_finite(state)):
+                    raise Diverged(step, checkpointer.latest_step())
             if after_step:
                 after_step(step, state, batch, writer)
             if step % config.checkpoint_every == 0:
