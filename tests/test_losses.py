@@ -20,6 +20,18 @@ def test_reconstruction_loss_adds_weighted_lpips():
     x, y = jnp.zeros((2, 2, 2, 3)), jnp.ones((2, 2, 2, 3))
     value = losses.reconstruction_loss(x, y, jnp.array([0.2, 0.4]), perceptual_weight=0.5)
     np.testing.assert_allclose(value, 1.0 + 0.5 * 0.3, rtol=1e-6)
+    value = losses.reconstruction_loss(x, y, jnp.array([0.2, 0.4]), perceptual_weight=0.5, pixelloss_weight=2.0)
+    np.testing.assert_allclose(value, 2.0 + 0.5 * 0.3, rtol=1e-6)
+
+
+def test_bce_with_logits_is_the_binary_cross_entropy_even_for_large_logits():
+    logits = np.array([[-30.0, -3.0, -0.5, 0.0], [0.25, 2.0, 7.0, 30.0]])
+    target = np.array([[0.0, 1.0, 0.3, 1.0], [0.0, 0.7, 1.0, 0.0]])
+    # -log(sigmoid(x)) = log(1 + exp(-x)) and -log(1 - sigmoid(x)) = log(1 + exp(x)), in float64
+    expected = np.mean(target * np.logaddexp(0, -logits) + (1 - target) * np.logaddexp(0, logits))
+    for dtype in (jnp.float32, jnp.bfloat16):  # bfloat16 logits (exactly representable here) are computed in float32
+        np.testing.assert_allclose(losses.bce_with_logits(jnp.asarray(logits, dtype), jnp.asarray(target)),
+                                   expected, rtol=1e-6)
 
 
 def test_gan_losses():

@@ -144,6 +144,15 @@ def test_top_k_and_top_p_keep_what_they_must():
     assert bool(jnp.all(jnp.isfinite(filters.top_p_filter(wide, 1.0))))
 
 
+def test_filter_logits_masks_past_num_codes_and_divides_by_the_temperature_before_top_p():
+    np.testing.assert_array_equal(jnp.isfinite(filters.filter_logits(jnp.zeros((1, 10)), num_codes=7))[0],
+                                  np.arange(10) < 7)
+    logits = jnp.array([[3.0, 1.0, 2.0, 0.0, 1.5]])
+    hot = jnp.isfinite(filters.filter_logits(logits, temperature=2.0, top_p=0.5))
+    np.testing.assert_array_equal(hot, jnp.isfinite(filters.top_p_filter(logits / 2.0, 0.5)))
+    assert int(hot.sum()) == 2 and int(jnp.isfinite(filters.top_p_filter(logits, 0.5)).sum()) == 1
+
+
 def _teacher_forced_logits(gpt, params, cond, codes):
     sequence = jnp.concatenate([jnp.asarray(cond), codes], axis=1)[:, :-1]
     return gpt.apply({"params": params}, sequence)[:, cond.shape[1] - 1:]
@@ -257,8 +266,16 @@ def test_bad_requests_are_named(small_gpt, window_gpt):
         sample_windowed(wgpt, wparams, jnp.array([[3]]), shape=(16, 16, 1), rng=jax.random.PRNGKey(0))
     with pytest.raises(TypeError, match="rng must be a PRNG key"):
         sample_windowed(wgpt, wparams, jnp.array([[3]]), shape=(16, 16), rng=None)
-    with pytest.raises(ValueError, match="smaller than the window"):
-        sample_windowed(wgpt, wparams, jnp.array([[3]]), shape=(8, 20), rng=jax.random.PRNGKey(0))
+    for shape in ((8, 20), (20, 8)):
+        with pytest.raises(ValueError, match="smaller than the window"):
+            sample_windowed(wgpt, wparams, jnp.array([[3]]), shape=shape, rng=jax.random.PRNGKey(0))
+    # block_size=80 holds 17 condition tokens and an 8x8 window's first 63 codes, not 18.
+    with pytest.raises(ValueError, match="18 condition tokens .* exceed block_size=80"):
+        sample_windowed(gpt, params, jnp.full((1, 18), 3), shape=(8, 8), rng=jax.random.PRNGKey(0), window=8)
+    exact = sample_windowed(gpt, params, jnp.full((1, 17), 3), shape=(8, 8), rng=jax.random.PRNGKey(0), window=8,
+                            greedy=True)
+    np.testing.assert_array_equal(exact, sample(gpt, params, jnp.full((1, 17), 3), steps=64,
+                                                rng=jax.random.PRNGKey(0), greedy=True).reshape(1, 8, 8))
     with pytest.raises(ValueError, match="must have the sampled shape"):
         sample_windowed(wgpt, wparams, jnp.zeros((1, 16, 17), jnp.int32), shape=(16, 16), rng=jax.random.PRNGKey(0))
     with pytest.raises(ValueError, match="prefill_chunk >= 1"):

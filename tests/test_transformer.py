@@ -51,16 +51,17 @@ def test_pkeep_corrupts_inputs_not_targets_and_cond_drop_uses_the_null_token(gpt
         vocab_size = GPT_TINY.vocab_size
         apply = staticmethod(spy)
 
-    _, targets = net2net.sequence_logits(Spy, gpt_params, codes, cond, jax.random.PRNGKey(3), pkeep=0.5,
-                                         cond_drop=0.5, train=True)
+    # Probabilities away from 1/2, so that keeping with 1 - pkeep or dropping with 1 - cond_drop would show.
+    _, targets = net2net.sequence_logits(Spy, gpt_params, codes, cond, jax.random.PRNGKey(3), pkeep=0.9,
+                                         cond_drop=0.2, train=True)
     np.testing.assert_array_equal(targets, codes)
     images = np.asarray(seen["sequence"][:, 3:])
     conds = np.asarray(seen["sequence"][:, :3])
     kept = np.mean(images == 5)
-    assert 0.4 < kept < 0.65  # 0.5 kept + random tokens that happen to be 5
+    assert 0.85 < kept < 0.95  # 0.9 kept + random tokens that happen to be 5 (704 inputs: 4.5 sd either side)
     dropped = np.all(conds == net2net.null_token(GPT_TINY), axis=1)
     assert np.all(dropped | np.all(conds == 7, axis=1))  # whole conditions are dropped, never parts
-    assert 10 < dropped.sum() < 54
+    assert 3 < dropped.sum() < 26  # 12.8 of 64 expected
     _, _ = net2net.sequence_logits(Spy, gpt_params, codes, cond, jax.random.PRNGKey(3), pkeep=0.5,
                                    cond_drop=0.5, train=False)
     np.testing.assert_array_equal(seen["sequence"][:, 3:], 5)  # no corruption outside training
@@ -106,6 +107,36 @@ def test_gradient_accumulation_equals_the_full_batch_update():
     np.testing.assert_allclose(m4["loss"], m1["loss"], rtol=1e-6)
     for a, b in zip(jax.tree.leaves(s1.opt_state), jax.tree.leaves(s4.opt_state)):
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-7)
+
+
+def test_each_step_draws_its_own_corruption():
+    """The step's randomness is the run's key folded with the step: the same state and batch at another
+    step corrupt other codes (a step that reused one key would train on one corruption pattern forever)."""
+    from vqgan_jax.train.sharding import make_mesh
+    from vqgan_jax.train.transformer import build_gpt, create_state, make_train_step, optimizer
+
+    config = tiny_config()
+    config.mesh, config.pkeep, config.optim.grad_accum = [("data", 1), ("fsdp", 1)], 0.5, 1
+    gpt, tx = build_gpt(config), optimizer(config)
+    state, _ = create_state(gpt, tx, config, make_mesh(config.mesh, jax.devices()[:1]), jax.random.PRNGKey(0))
+    step = jax.jit(make_train_step(gpt, tx, config))
+    losses = [float(step(state.replace(step=jnp.asarray(i, state.step.dtype)), tiny_batch(config))[1]["loss"])
+              for i in (0, 0, 1)]
+    assert losses[0] == losses[1] != losses[2]
+
+
+def test_eval_step_counts_only_the_masked_in_rows():
+    from vqgan_jax.train.transformer import build_gpt, make_eval_step
+
+    config = tiny_config()
+    gpt = build_gpt(config)
+    params = gpt.init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))["params"]
+    batch = {k: v[:3] for k, v in tiny_batch(config).items()}
+    evaluate = jax.jit(make_eval_step(gpt, config))
+    nll, tokens = evaluate(params, {**batch, "mask": np.array([True, True, False])})
+    nll_two, tokens_two = evaluate(params, {k: v[:2] for k, v in batch.items()})
+    assert int(tokens) == int(tokens_two) == 2 * 32
+    np.testing.assert_allclose(nll, nll_two, rtol=1e-6)
 
 
 def test_gpt_split_over_four_devices_equals_one_device(tmp_path):
