@@ -125,20 +125,31 @@ def _cfg(**kw):
     return ml_collections.ConfigDict({**base, **kw})
 
 
-def test_restart_replaces_exactly_the_dead_codes():
+# At step 10 with patience 3: codes 1 (last used 7), 4 (never used, never restarted) are dead; code 3 was
+# restarted at step 8 and code 0 used at 9, so they are not; code 5 is used by this batch.
+_DEAD_AT_10 = np.array([False, True, False, False, True, False])
+
+
+def _restart_at_10(**cfg):
+    """-> (old codebook, latents, rng, new codebook, new state, metrics) of `update` at step 10, patience 3."""
     k, d = 6, 2
     book = jnp.arange(k * d, dtype=jnp.float32).reshape(k, d)
     params = {"quantize": {"embedding": {"embedding": book}}}
-    # At step 10 with patience 3: codes 1 (last used 7), 4 (never used, never restarted) are dead; code 3 was
-    # restarted at step 8 and code 0 used at 9, so they are not; code 5 is used by this batch.
     state = codebook.CodebookState(last_used=jnp.array([9, 7, 9, 2, -1, 1]),
-                                   last_restart=jnp.array([-1, -1, -1, 8, -1, -1]), cluster_size=None, embed_sum=None)
+                                   last_restart=jnp.array([-1, -1, -1, 8, -1, -1]),
+                                   cluster_size=jnp.full((k,), 4.0), embed_sum=4.0 * book)
     latents = 100.0 + jnp.arange(8.0 * d).reshape(1, 2, 4, d)
     indices = jnp.array([[[0, 0, 2, 5], [5, 2, 0, 0]]])
     rng = jax.random.PRNGKey(3)
-    new_params, new_state, metrics = codebook.update(_cfg(restart_dead=3), params, state, latents, indices, 10, rng)
-    new_book = np.asarray(new_params["quantize"]["embedding"]["embedding"])
-    dead = np.array([False, True, False, False, True, False])
+    new_params, new_state, metrics = codebook.update(_cfg(restart_dead=3, **cfg), params, state, latents, indices,
+                                                     10, rng)
+    return book, latents, rng, np.asarray(new_params["quantize"]["embedding"]["embedding"]), new_state, metrics
+
+
+def test_restart_replaces_exactly_the_dead_codes():
+    book, latents, rng, new_book, new_state, metrics = _restart_at_10()
+    k, d = book.shape
+    dead = _DEAD_AT_10
     np.testing.assert_array_equal(new_book[~dead], np.asarray(book)[~dead])
     candidates = np.asarray(codebook.restart_candidates(latents, k, rng))
     np.testing.assert_array_equal(new_book[dead], candidates[dead])
@@ -151,9 +162,17 @@ def test_restart_replaces_exactly_the_dead_codes():
     assert int(metrics["codes_used_window"]) == 5 and int(metrics["dead_codes"]) == 1
 
 
+def test_a_restarted_code_starts_its_ema_over_as_one_observation_of_its_new_value():
+    _, _, _, new_book, new_state, _ = _restart_at_10(ema=True, ema_decay=0.5)
+    np.testing.assert_array_equal(new_state.cluster_size[_DEAD_AT_10], 1.0)
+    np.testing.assert_array_equal(new_state.embed_sum[_DEAD_AT_10], new_book[_DEAD_AT_10])
+    assert not np.any(new_state.cluster_size[~_DEAD_AT_10] == 1.0)  # the others went on with their EMA
+
+
 def test_codes_used_window():
     state = codebook.CodebookState(jnp.array([-1, 0, 5, 7, 9]), jnp.full((5,), -1), None, None)
-    assert [int(codebook.codes_used(state, 9, w)) for w in (1, 3, 5, 10)] == [1, 2, 3, 4]
+    # A window of w steps at step 9 is steps 10 - w .. 9: a code last used at 7 is in it from w = 3 on.
+    assert [int(codebook.codes_used(state, 9, w)) for w in (1, 2, 3, 4, 5, 10)] == [1, 1, 2, 2, 3, 4]
 
 
 def test_check_config_refuses_bad_values():

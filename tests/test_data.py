@@ -179,6 +179,13 @@ def test_center_crop_matches_pil(tmp_path):
     np.testing.assert_array_equal(data.load_image(paths[0], size), batch["image"][0])
 
 
+def test_random_crop_reaches_every_offset():
+    from vqgan_jax.data.preprocess import random_crop_offsets
+
+    seen = {tuple(int(v) for v in random_crop_offsets(11, 12, 10, np.array([s, 7], np.int64))) for s in range(64)}
+    assert seen == {(top, left) for top in range(2) for left in range(3)}
+
+
 def test_grey_and_rgba_become_rgb(tmp_path):
     rgb = _smooth_image(SIZE, SIZE, 5)
     grey = _save(tmp_path / "grey.png", rgb, mode="L")

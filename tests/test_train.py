@@ -99,6 +99,22 @@ def test_checkpoints_only_of_an_intact_finite_state(tmp_path):
     checkpointer.close()
 
 
+def test_resume_names_fields_added_or_removed_since_the_run_started(tmp_path):
+    from vqgan_jax.train.config import default_config
+    from vqgan_jax.train.workdir import config_changes, write_config
+
+    config = default_config()
+    write_config(config, str(tmp_path))
+    os.makedirs(tmp_path / "checkpoints" / "5")
+    assert config_changes(config, str(tmp_path)) == {}
+    newer = default_config()
+    with newer.unlocked():
+        newer.model.new_option = 3
+        del newer.model.dropout
+    assert config_changes(newer, str(tmp_path)) == {"model.dropout": (config.model.dropout, "<absent>"),
+                                                    "model.new_option": ("<absent>", 3)}
+
+
 def test_mesh_sharding_and_loop_settings_fail_early_with_their_names(monkeypatch):
     import types
 
@@ -127,6 +143,10 @@ def test_mesh_sharding_and_loop_settings_fail_early_with_their_names(monkeypatch
         specs = {k: v.spec for k, v in tree_shardings(leaves, three, ((".*", "fsdp"),)).items()}
     P = jax.sharding.PartitionSpec
     assert specs == {"odd": P(), "kernel": P(None, "fsdp"), "bias": P()}
+    # A rule matches a whole path: "kernel" is a top-level leaf's name, not every kernel below.
+    nested = {"conv_out": {"kernel": jax.ShapeDtypeStruct((6, 6), jnp.float32)}}
+    assert tree_shardings(nested, three, (("kernel", "fsdp"),))["conv_out"]["kernel"].spec == P()
+    assert tree_shardings(nested, three, ((".*kernel", "fsdp"),))["conv_out"]["kernel"].spec == P(None, "fsdp")
 
     config = default_config()
     config.batch_size = 6
