@@ -59,6 +59,74 @@ def test_step_on_four_devices_equals_one_device(tmp_path):
     assert compared > 0.95 * total  # nearly every parameter is held to 1e-5
 
 
+@pytest.mark.slow  # 1.5-2 min on 2 CPU cores with a cold compile cache: two VQGAN steps and their references
+def test_vqgan_step_updates_are_the_gradients_of_its_losses():
+    """With SGD at learning rate 1 an update is minus the gradient. The generator's is that of
+    nll + d_weight * disc_factor * g_loss + codebook_weight * q_loss, d_weight the ratio of the first two
+    terms' gradient norms at the decoder's last layer; the discriminator's that of
+    disc_factor * (hinge + lecam_weight * LeCAM), LeCAM's EMAs first moved by this batch's mean logits. A
+    discriminator with disc_train_from_start learns before disc_start, with the full factor."""
+    import jax.numpy as jnp
+    import optax
+
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    from sharded_step_worker import tiny_config
+
+    from vqgan_jax import losses
+    from vqgan_jax.train.state import build_models, init_state
+    from vqgan_jax.train.steps import make_train_step, phase
+
+    c = tiny_config(lpips=False)
+    c.loss.update(disc_factor=0.5, codebook_weight=2.0, lecam_weight=0.1, lecam_decay=0.9)
+    c.codebook.restart_dead, c.optim.ema_decay = 0, 0.0
+    models = build_models(c).replace(gen_tx=optax.sgd(1.0), disc_tx=optax.sgd(1.0))
+    state = init_state(models, c, jax.random.PRNGKey(0)).replace(lecam=jnp.array([0.3, -0.2]))
+    x = jax.random.uniform(jax.random.PRNGKey(1), (c.batch_size, 16, 16, 3), minval=-1, maxval=1)
+    after, metrics = jax.jit(make_train_step(models, c, True, True))(state, {"image": x}, None)
+
+    def disc(params, images):  # BatchNorm normalises with the batch's statistics in training
+        return models.disc.apply({"params": params, "batch_stats": state.disc_batch_stats}, images, train=True,
+                                 mutable=["batch_stats"])[0]
+
+    def terms(params):
+        x_rec, q = models.vq.apply({"params": params}, x, train=True)
+        nll = losses.reconstruction_loss(x, x_rec, jnp.zeros(x.shape[:1]), 0.0, c.loss.pixelloss_weight)
+        return nll, losses.generator_loss(disc(state.disc_params, x_rec)), q.loss
+
+    # Jitted, as each eager op of the reference would compile on its own.
+    grads = jax.jit(jax.jacrev(lambda p: jnp.stack(terms(p))))(state.gen_params)  # [3, ...] per leaf
+    last = grads["decoder"]["conv_out"]["kernel"]
+    d_weight = losses.adaptive_weight(last[0], last[1], c.loss.disc_weight)
+    np.testing.assert_allclose(metrics["d_weight"], d_weight, rtol=1e-5)
+    total = jax.tree.map(lambda g: g[0] + d_weight * 0.5 * g[1] + 2.0 * g[2], grads)
+
+    def assert_moved_by(before, moved, grads):
+        for a, b, g in zip(jax.tree.leaves(before), jax.tree.leaves(moved), jax.tree.leaves(grads)):
+            np.testing.assert_allclose(a - b, g, rtol=2e-4, atol=1e-6)
+
+    assert_moved_by(state.gen_params, after.gen_params, total)
+
+    fake = models.vq.apply({"params": state.gen_params}, x, train=True)[0]
+
+    def disc_total(params, factor=0.5):
+        real_logits, fake_logits = disc(params, x), disc(params, fake)
+        means = jax.lax.stop_gradient(jnp.stack([real_logits.mean(), fake_logits.mean()]))
+        ema = 0.9 * state.lecam + 0.1 * means
+        reg = losses.lecam_regularizer(real_logits, fake_logits, ema[0], ema[1])
+        return factor * (losses.hinge_d_loss(real_logits, fake_logits) + 0.1 * reg), ema
+
+    (d_loss, ema), d_grads = jax.jit(jax.value_and_grad(disc_total, has_aux=True))(state.disc_params)
+    np.testing.assert_allclose(metrics["disc_loss"], d_loss, rtol=1e-5)
+    np.testing.assert_allclose(after.lecam, ema, rtol=1e-5)
+    assert_moved_by(state.disc_params, after.disc_params, d_grads)
+
+    c.loss.update(disc_start=5, disc_train_from_start=True)
+    assert phase(0, c.loss) == (False, True)
+    after, metrics = jax.jit(make_train_step(models, c, *phase(0, c.loss)))(state, {"image": x}, None)
+    assert float(metrics["d_weight"]) == 0.0
+    assert_moved_by(state.disc_params, after.disc_params, d_grads)  # the same factor, 0.5
+
+
 def test_discriminator_adam_counts_from_the_global_step():
     """The original steps the discriminator's Adam on every batch, with zero gradients before disc_start;
     its first real update at step s is therefore bias-corrected as update s + 1 (torch.optim.Adam's formula
