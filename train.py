@@ -9,7 +9,9 @@
 Every config field can be overridden with --config.<field>=<value>; an unknown field or a value of the
 wrong type fails before anything runs. A run resumes from the last checkpoint in --workdir, with the config
 it was started with (or pass --allow_config_changes). Stopped by SIGTERM or SIGINT, it saves and exits with
-128 + the signal's number (143, 130), as a process killed by it: not finished, to be run again.
+128 + the signal's number (143, 130), as a process killed by it: not finished, to be run again. A run whose
+state holds NaN or inf stops at its next log step or save without saving it (`Diverged`, naming its last
+checkpoint).
 """
 
 import json

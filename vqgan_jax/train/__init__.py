@@ -4,8 +4,8 @@
 """
 
 from vqgan_jax.train import loop, transformer_loop
-from vqgan_jax.train.config import default_config, runlocal
 from vqgan_jax.train.checkpoint import Diverged
+from vqgan_jax.train.config import default_config, runlocal
 from vqgan_jax.train.runner import Interrupted
 
 

@@ -36,9 +36,9 @@ class Checkpointer:
 
     def save_after_error(self, state, step: int) -> bool:
         """After an exception in a single-process loop: saves the last completed step unless its buffers
-        went to the step that failed (donated) or it holds NaN or inf, and swallows errors of its own so that
-        the loop's error is the one raised. -> whether it saved. With several processes it does nothing: a save is collective,
-        and the others are not there to join it."""
+        went to the step that failed (donated) or it holds NaN or inf, and swallows errors of its own so
+        that the loop's error is the one raised. -> whether it saved. With several processes it does
+        nothing: a save is collective, and the others are not there to join it."""
         leaves = [x for x in jax.tree.leaves(state) if isinstance(x, jax.Array)]
         if jax.process_count() > 1 or any(x.is_deleted() for x in leaves):
             return False
@@ -75,8 +75,8 @@ class Diverged(RuntimeError):
     def __init__(self, step: int, last_saved: int | None):
         kept = f"the last checkpoint is step {last_saved}" if last_saved is not None else "there is no checkpoint"
         super().__init__(f"training diverged: the state at step {step} holds NaN or inf, and is not saved; "
-                         f"{kept}. Resuming repeats the same steps exactly: change what made it diverge (e.g. a lower "
-                         f"learning rate) and resume with --allow_config_changes")
+                         f"{kept}. Resuming repeats the same steps exactly: change what made it diverge (e.g. a "
+                         f"lower learning rate) and resume with --allow_config_changes")
         self.step, self.last_saved = step, last_saved
 
 
