@@ -81,6 +81,9 @@ def test_decoding_step_equals_the_decoding_module(small_gpt, parts, dtype):
     # in decoding mode, from a cache the module filled: same logits, same cache.
     gpt, params = small_gpt
     gpt = gpt.clone(dtype=jnp.dtype(dtype))
+    # The fixture's positional embeddings are the original's initial zeros: random ones here, so that reading
+    # another position's would show.
+    params = dict(params, pos_emb=jax.random.normal(jax.random.PRNGKey(7), params["pos_emb"].shape))
     dec = decoder(gpt)
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, gpt.vocab_size, (3, 6)), jnp.int32)
     _, cache = forward(dec, params, empty_cache(dec, 3), tokens[:, :3])

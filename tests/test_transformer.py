@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from vqgan_jax import net2net
-from vqgan_jax.data.codes import CodeCache, CodeWriter, code_batches, code_eval_batches
+from vqgan_jax.data.codes import CodeCache, CodeWriter, code_batches, code_dtype, code_eval_batches
 from vqgan_jax.models import GPT
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -203,6 +203,12 @@ def test_code_cache_epochs_hosts_and_resume(tmp_path):
     evals = list(code_eval_batches(str(tmp_path), 4, process_index=0, process_count=1))
     assert [int(b["mask"].sum()) for b in evals] == [4, 4, 2]
     np.testing.assert_array_equal(np.concatenate([b["cond"][b["mask"]] for b in evals]), cond)
+    # Two hosts: as many batches each, and their rows of each global batch, put together, are every example once.
+    hosts = [list(code_eval_batches(str(tmp_path), 4, process_index=p, process_count=2)) for p in (0, 1)]
+    assert len(hosts[0]) == len(hosts[1]) == 3
+    rows = [b["cond"][b["mask"]] for pair in zip(*hosts) for b in pair]
+    np.testing.assert_array_equal(np.concatenate(rows), cond)
+    assert code_dtype(65536) == np.uint16 and code_dtype(65537) == np.int32  # codes up to vocab - 1
 
 
 def test_code_cache_errors_name_the_problem(tmp_path):
