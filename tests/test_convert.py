@@ -78,6 +78,15 @@ def test_net2net_checkpoint_takes_the_right_parts(taming, tmp_path):
     assert sorted(exported) == sorted(k for k in state if k.startswith("transformer."))
 
 
+def test_exported_mask_buffers_carry_n_unmasked(taming):
+    _, params = vj.convert.gpt_from_taming(taming.state("gpt"), taming.gpt_params())
+    exported = vj.convert.gpt_to_taming(params, n_unmasked=3)
+    gpt, _ = vj.convert.gpt_from_taming(exported, {**taming.gpt_params(), "n_unmasked": 3})
+    assert gpt.n_unmasked == 3
+    with pytest.raises(ValueError, match="n_unmasked=0"):
+        vj.convert.gpt_from_taming(exported, taming.gpt_params())
+
+
 def test_wrong_mask_buffer_means_wrong_n_unmasked(taming):
     state = _net2net_checkpoint(taming)
     state["transformer.blocks.0.attn.mask"] = np.ones_like(state["transformer.blocks.0.attn.mask"])

@@ -249,7 +249,7 @@ def test_code_cache_refuses_stale_or_mismatched_caches(tmp_path):
         CodeCache(str(directory))
 
 
-def test_class_conditioning_needs_a_source_of_labels():
+def test_conditions_need_their_source_and_coordinates_no_flips():
     from vqgan_jax.train.stages import check_config
 
     config = tiny_config()
@@ -257,6 +257,16 @@ def test_class_conditioning_needs_a_source_of_labels():
     with pytest.raises(ValueError, match="set data.label_key .* or data.class_folders=True"):
         check_config(config)
     config.data.class_folders = True
+    check_config(config)
+    config.cond_stage.kind = "segmentation"
+    with pytest.raises(ValueError, match="segmentation conditioning reads label maps: set data.segmentation_path"):
+        check_config(config)
+    config.data.segmentation_path = "/labels"
+    check_config(config)
+    config.cond_stage.kind, config.data.flip = "coord", True
+    with pytest.raises(ValueError, match="coord conditioning with data.flip=True"):
+        check_config(config)
+    config.data.flip = False
     check_config(config)
 
 
