@@ -295,6 +295,12 @@ def test_two_hosts_read_disjoint_shards(folder):
         assert a | b == {p.encode() for p in paths}
     # Crops differ between hosts even for the same file: each example has its own global number.
     assert not np.array_equal(batches[0][0]["image"], batches[1][0]["image"])
+    # A host resumed at step 3 goes on with its own 4th batch (the second epoch's).
+    resumed = data.train_iterator(c, global_batch_size=2 * local, seed=3, process_index=1, process_count=2,
+                                  start_step=3, with_keys=True)
+    first = next(iter(resumed))
+    np.testing.assert_array_equal(first["key"], batches[1][3]["key"])
+    np.testing.assert_array_equal(first["image"], batches[1][3]["image"])
 
     # Evaluation: disjoint, complete, the same number of batches on both hosts.
     evs = [data.eval_iterator(c, batch_size=4, process_index=h, process_count=2, with_keys=True) for h in (0, 1)]
@@ -302,6 +308,13 @@ def test_two_hosts_read_disjoint_shards(folder):
     seen = [np.concatenate([b["key"][b["mask"]] for b in ev]) for ev in evs]
     assert not set(seen[0]) & set(seen[1])
     assert set(seen[0]) | set(seen[1]) == {p.encode() for p in paths}
+    # Three hosts hold 4, 3 and 3 of the 10 files: each yields the longest one's 4 batches of 1 (collectives
+    # in the eval step need every host there), the others padded.
+    evs = [list(data.eval_iterator(c, batch_size=3, process_index=h, process_count=3, with_keys=True))
+           for h in range(3)]
+    assert [len(ev) for ev in evs] == [4, 4, 4]
+    seen = np.concatenate([b["key"][b["mask"]] for ev in evs for b in ev])
+    assert sorted(seen) == sorted(p.encode() for p in paths)
 
 
 def test_eval_pads_last_batch_with_mask(folder):
