@@ -473,7 +473,9 @@ def test_encode_writes_the_first_stage_codes_and_training_reads_images_or_codes(
     for name in ("000-00007", "003-00000"):
         for prefix in ("codes", "cond"):
             np.save(tmp_path / "codes" / f"{prefix}-{name}.npy", np.zeros((5, 8, 8) if prefix == "codes" else (5, 1)))
-    meta = encode(config, str(tmp_path / "codes"), split="eval")
+    padded = config.copy_and_resolve_references()
+    padded.batch_size = 4  # 6 images: the second batch holds 2 padding rows, which the cache must leave out
+    meta = encode(padded, str(tmp_path / "codes"), split="eval")
     assert meta["num_examples"] == 6 and meta["code_shape"] == [8, 8] and meta["cond_length"] == 1
     assert (meta["first_stage_codes"], meta["cond_tokens"]) == (24, 1)
     assert sorted(p.name for p in (tmp_path / "codes").glob("c*-*.npy")) == ["codes-000-00000.npy", "cond-000-00000.npy"]
