@@ -157,6 +157,13 @@ def test_metric_writer_writes_jsonl_png_and_tensorboard(tmp_path):
         writer.write_step(4, {"loss": np.float32(0.25)}, 0.1, progress, source)
     assert [r.get("skipped_files") for r in read_jsonl(log)[2:]] == [2, None, 4]
 
+    # A record whole but for its newline (killed between the two) is kept, and the next one starts a line.
+    with open(log, "a") as f:
+        f.write('{"step": 5, "loss": 0.5}')
+    with MetricWriter(workdir, resume_step=5) as writer:
+        writer.write_scalars(6, {"loss": 0.25})
+    assert [r["step"] for r in read_jsonl(log)][-2:] == [5, 6]
+
 
 def _tb_values(workdir) -> list:
     """[(tag, step, summary value)] of every event file under workdir/tb, read as TensorBoard reads them."""
@@ -207,6 +214,17 @@ def test_resume_drops_the_tensorboard_events_past_the_resumed_step(tmp_path):
         writer.write_scalars(2, {"loss": 0.75})
     logged = [(tag, step, float(tf().make_ndarray(v.tensor))) for tag, step, v in _tb_values(tmp_path)]
     assert sorted(logged) == [("loss", 1, 0.125), ("loss", 2, 0.75)]
+    # Killed mid-record just after a checkpoint: no event to drop, but the cut record goes all the same
+    # (readers stop at it with a data-loss warning): the file is its whole records, 16 framing bytes each.
+    from tensorflow.python.lib.io import tf_record
+
+    with open(path, "ab") as f:
+        f.write(b"\x40\x00\x00")
+    with MetricWriter(str(tmp_path), resume_step=2) as writer:
+        writer.write_scalars(3, {"loss": 0.5})
+    assert os.path.getsize(path) == sum(len(raw) + 16 for raw in tf_record.tf_record_iterator(path))
+    logged = [(tag, step, float(tf().make_ndarray(v.tensor))) for tag, step, v in _tb_values(tmp_path)]
+    assert sorted(logged) == [("loss", 1, 0.125), ("loss", 2, 0.75), ("loss", 3, 0.5)]
 
 
 def test_disabled_writer_writes_nothing(tmp_path):
