@@ -247,6 +247,11 @@ def test_code_cache_refuses_stale_or_mismatched_caches(tmp_path):
     (directory / "meta.json").write_text(json.dumps({**meta, "num_examples": 9}))
     with pytest.raises(ValueError, match="shards hold 6 examples, its meta.json says 9"):
         CodeCache(str(directory))
+    (directory / "meta.json").write_text(json.dumps(meta))
+    (cond_shard,) = directory.glob("cond-*.npy")  # a shard's conditions one row short of its codes
+    np.save(cond_shard, np.load(cond_shard)[:-1])
+    with pytest.raises(ValueError, match="a shard holds 6 code grids but 5 conditions"):
+        CodeCache(str(directory))
 
 
 def test_conditions_need_their_source_and_coordinates_no_flips():
