@@ -13,6 +13,7 @@ from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "sharded_step_worker.py")
+sys.path.insert(0, os.path.join(ROOT, "tests"))  # the workers' configs, imported by the tests below
 
 
 def _run_python(args, devices=1, extra_env=None, timeout=600):
@@ -69,7 +70,6 @@ def test_vqgan_step_updates_are_the_gradients_of_its_losses():
     import jax.numpy as jnp
     import optax
 
-    sys.path.insert(0, os.path.join(ROOT, "tests"))
     from sharded_step_worker import tiny_config
 
     from vqgan_jax import losses
@@ -247,7 +247,6 @@ def _images(folder, n=12, size=40):
 
 
 def _tiny_run_config(data_path, total_steps):
-    sys.path.insert(0, os.path.join(ROOT, "tests"))
     from sharded_step_worker import tiny_config
 
     c = tiny_config(lpips=False)
